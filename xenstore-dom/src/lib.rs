@@ -1,0 +1,2 @@
+//! xenstore-dom: the xenstore engine, service domain and host daemon.
+#![forbid(unsafe_code)]
