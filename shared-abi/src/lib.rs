@@ -15,10 +15,15 @@ extern crate alloc;
 pub mod capability;
 pub mod console;
 pub mod errno;
+pub mod event_channel;
+pub mod grant_table;
 pub mod hvm_start_info;
 pub mod hypercall;
 pub mod manifest;
+pub mod ring;
 pub mod shared_info;
+pub mod start_info;
+pub mod xenstore;
 
 /// Xen domain id (`domid_t`).
 pub type DomId = u16;

@@ -1,0 +1,1 @@
+//! Event channels: the 2-level ABI, per-domain port tables and delivery.

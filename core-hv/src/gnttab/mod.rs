@@ -1,0 +1,1 @@
+//! Grant tables v1: map, copy, maptrack and their policy checks.

@@ -1,0 +1,1 @@
+//! The policy module: every privileged operation asks here, never compiled out.

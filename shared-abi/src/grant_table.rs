@@ -1,0 +1,1 @@
+//! Grant table v1 ABI (`grant_table.h`): entries, flags, sub-op structs, status codes.

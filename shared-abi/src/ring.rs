@@ -1,0 +1,1 @@
+//! The generic Xen shared I/O ring (`io/ring.h`).

@@ -1,0 +1,1 @@
+//! Xenstore wire protocol (`io/xs_wire.h`): header, message types, ring page.
