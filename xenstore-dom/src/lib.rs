@@ -1,2 +1,19 @@
 //! xenstore-dom: the xenstore engine, service domain and host daemon.
+//!
+//! - [`engine`]: the store itself — Xen's message semantics, permissions, transactions,
+//!   watches, domains and quotas — as a library without I/O, so the host daemon and the
+//!   domain's ring transport drive the same code.
+//! - [`store`], [`path`], [`perms`], [`quota`]: its parts.
+//! - [`host`] (unix only): the daemon that serves the engine on unix sockets for Xen's stock
+//!   `xenstore-*` tools, as C `xenstored` does for local tools.
 #![forbid(unsafe_code)]
+
+pub mod engine;
+#[cfg(unix)]
+pub mod host;
+pub mod path;
+pub mod perms;
+pub mod quota;
+pub mod store;
+
+pub use engine::{Config, ConnId, ConnKind, Effect, Engine, Outgoing, Output};
