@@ -1,6 +1,23 @@
-//! netback-dom: the network backend driver domain (Xen `netif`) and its layer-2 switch.
+//! netback-dom: the network backend driver domain (Xen `netif`) and its layer-2 switch, as a
+//! host-tested library. The domain binary (virtio-net uplink, event loop) is a thin shell
+//! around it and is not here yet.
 //!
-//! Not built yet: this crate holds no code until the netback issue lands. It exists so the
-//! workspace layout is the architecture from day one.
+//! - [`packet`]: frames with their offload metadata, MAC addresses, the flow hash.
+//! - [`switch`]: the L2 switch (MAC learning with ageing, flooding, anti-spoofing, rate limits,
+//!   counters, a bounded MAC table).
+//! - [`grant`]: the grant-copy seam ([`grant::GrantCopier`]), the local page pool, and a fake
+//!   frontend grant table for host tests and benches.
+//! - [`backend`]: the netif backend engine per queue, and a multi-queue [`backend::Vif`].
+//! - [`xenbus`]: the backend side of the xenbus handshake over a key/value store.
+//!
+//! No locks anywhere: each engine is driven by one thread at a time (`&mut self`).
 #![forbid(unsafe_code)]
-#![no_std]
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+pub mod backend;
+pub mod grant;
+pub mod packet;
+pub mod switch;
+pub mod xenbus;
