@@ -12,6 +12,7 @@
 
 extern crate alloc;
 
+pub mod blkif;
 pub mod capability;
 pub mod console;
 pub mod errno;
@@ -19,7 +20,9 @@ pub mod event_channel;
 pub mod grant_table;
 pub mod hvm_start_info;
 pub mod hypercall;
+pub mod hypercall_args;
 pub mod manifest;
+pub mod netif;
 pub mod ring;
 pub mod shared_info;
 pub mod start_info;
