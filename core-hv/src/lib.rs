@@ -6,8 +6,12 @@
 
 extern crate alloc;
 
+#[cfg(target_os = "none")]
+pub mod arch;
+pub mod boot;
 pub mod domain;
 pub mod evtchn;
 pub mod gnttab;
+pub mod mm;
 pub mod policy;
 pub mod sched;

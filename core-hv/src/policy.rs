@@ -1,1 +1,159 @@
 //! The policy module: every privileged operation asks here, never compiled out.
+//!
+//! Rights are the [`Capabilities`] the manifest (or the toolstack) gave a domain; there is no
+//! privileged domain. Authority is a type: an operation on another domain takes a token
+//! ([`ControlToken`], [`RemoteShutdownToken`]) whose fields are private to this module, so
+//! the only way to hold one is to have been granted it here, for that caller and that
+//! target. A refusal is `-EPERM`, as Xen's XSM answers.
+//!
+//! Checks come before any lookup of the target, so a domain without the right cannot learn
+//! which domain ids exist (Xen looks the domain up first and may answer `-ESRCH`; the answer
+//! to a permitted caller is the same as Xen's).
+
+use shared_abi::DomId;
+use shared_abi::capability::Capabilities;
+use shared_abi::errno::XenError;
+
+/// Who is asking: the calling domain and the rights it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub domid: DomId,
+    pub caps: Capabilities,
+}
+
+/// Authority to inspect and control `target` (domctl: info, pause, unpause, destroy,
+/// scheduler parameters; foreign reservation queries and changes).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ControlToken {
+    caller: DomId,
+    target: DomId,
+}
+
+impl ControlToken {
+    pub fn caller(&self) -> DomId {
+        self.caller
+    }
+    pub fn target(&self) -> DomId {
+        self.target
+    }
+}
+
+/// Authority to shut `target` down (`SCHEDOP_remote_shutdown`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct RemoteShutdownToken {
+    target: DomId,
+}
+
+impl RemoteShutdownToken {
+    pub fn target(&self) -> DomId {
+        self.target
+    }
+}
+
+/// Authority to enumerate every domain (`LIST_DOMAINS`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ListToken {
+    _private: (),
+}
+
+/// May `caller` control `target`? Needs `DOMAIN_CONTROL`. A domain always may inspect
+/// itself through this path too (a token for itself is minted without the capability only
+/// by [`control_self`]).
+pub fn control(caller: Caller, target: DomId) -> Result<ControlToken, XenError> {
+    if caller.caps.contains(Capabilities::DOMAIN_CONTROL) {
+        Ok(ControlToken {
+            caller: caller.domid,
+            target,
+        })
+    } else {
+        Err(XenError::EPERM)
+    }
+}
+
+/// Every domain controls its own reservation (`memory_op` on `DOMID_SELF`).
+pub fn control_self(caller: Caller) -> ControlToken {
+    ControlToken {
+        caller: caller.domid,
+        target: caller.domid,
+    }
+}
+
+/// May `caller` list every domain? Needs `DOMAIN_CONTROL`.
+pub fn list(caller: Caller) -> Result<ListToken, XenError> {
+    if caller.caps.contains(Capabilities::DOMAIN_CONTROL) {
+        Ok(ListToken { _private: () })
+    } else {
+        Err(XenError::EPERM)
+    }
+}
+
+/// May `caller` shut `target` down? Needs `REMOTE_SHUTDOWN`.
+pub fn remote_shutdown(caller: Caller, target: DomId) -> Result<RemoteShutdownToken, XenError> {
+    if caller.caps.contains(Capabilities::REMOTE_SHUTDOWN) {
+        Ok(RemoteShutdownToken { target })
+    } else {
+        Err(XenError::EPERM)
+    }
+}
+
+/// May `caller` read the hypervisor console? No capability grants it: console input goes to
+/// domains through their console rings, served by a console domain.
+pub fn console_read(_caller: Caller) -> Result<(), XenError> {
+    Err(XenError::EPERM)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(caps: Capabilities) -> Caller {
+        Caller { domid: 3, caps }
+    }
+
+    #[test]
+    fn control_requires_domain_control_and_binds_the_target() {
+        assert_eq!(
+            control(caller(Capabilities::empty()), 5),
+            Err(XenError::EPERM)
+        );
+        assert_eq!(
+            control(caller(Capabilities::REMOTE_SHUTDOWN), 5),
+            Err(XenError::EPERM)
+        );
+        let t = control(caller(Capabilities::DOMAIN_CONTROL), 5).unwrap();
+        assert_eq!((t.caller(), t.target()), (3, 5));
+    }
+
+    #[test]
+    fn remote_shutdown_requires_its_own_capability() {
+        assert_eq!(
+            remote_shutdown(caller(Capabilities::DOMAIN_CONTROL), 5),
+            Err(XenError::EPERM)
+        );
+        assert_eq!(
+            remote_shutdown(caller(Capabilities::REMOTE_SHUTDOWN), 5)
+                .unwrap()
+                .target(),
+            5
+        );
+    }
+
+    #[test]
+    fn list_and_console_read_are_refused_without_rights() {
+        assert_eq!(
+            list(caller(Capabilities::all() - Capabilities::DOMAIN_CONTROL)),
+            Err(XenError::EPERM)
+        );
+        assert!(list(caller(Capabilities::DOMAIN_CONTROL)).is_ok());
+        assert_eq!(
+            console_read(caller(Capabilities::all())),
+            Err(XenError::EPERM)
+        );
+    }
+
+    #[test]
+    fn self_control_is_bound_to_the_caller() {
+        let t = control_self(caller(Capabilities::empty()));
+        assert_eq!((t.caller(), t.target()), (3, 3));
+    }
+}

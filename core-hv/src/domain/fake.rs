@@ -1,0 +1,217 @@
+//! Host fakes of the arch layer's memory traits, for tests: a frame pool that counts what is
+//! outstanding, byte-array frames, and an address space that charges one table frame per
+//! 2 MiB region it maps into (plus its root), like a 4-level page table does at the leaves.
+
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::vec::Vec;
+use core::cell::RefCell;
+
+use super::memory::{
+    AddressSpace, AddressSpaceFactory, FrameSource, MapError, Mfn, PagePerms, PhysMem,
+};
+use shared_abi::start_info::DOMAIN_VA_END;
+
+/// A pool of `n` frames numbered from 0x1000.
+pub struct FakeFrames {
+    free: Vec<Mfn>,
+    outstanding: BTreeSet<Mfn>,
+}
+
+impl FakeFrames {
+    pub fn new(n: u64) -> Self {
+        FakeFrames {
+            free: (0..n).rev().map(|i| Mfn(0x1000 + i)).collect(),
+            outstanding: BTreeSet::new(),
+        }
+    }
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.len()
+    }
+}
+
+impl FrameSource for FakeFrames {
+    fn alloc_frame(&mut self) -> Option<Mfn> {
+        let f = self.free.pop()?;
+        self.outstanding.insert(f);
+        Some(f)
+    }
+    fn free_frame(&mut self, frame: Mfn) {
+        assert!(self.outstanding.remove(&frame), "double free of {frame:?}");
+        self.free.push(frame);
+    }
+}
+
+/// Frames as byte arrays, created zeroed on first touch.
+#[derive(Default)]
+pub struct FakePhys {
+    pages: RefCell<BTreeMap<Mfn, Box<[u8; 4096]>>>,
+}
+
+impl PhysMem for FakePhys {
+    fn read(&self, frame: Mfn, offset: usize, buf: &mut [u8]) {
+        let mut pages = self.pages.borrow_mut();
+        let p = pages.entry(frame).or_insert_with(|| Box::new([0; 4096]));
+        buf.copy_from_slice(&p[offset..offset + buf.len()]);
+    }
+    fn write(&self, frame: Mfn, offset: usize, data: &[u8]) {
+        let mut pages = self.pages.borrow_mut();
+        let p = pages.entry(frame).or_insert_with(|| Box::new([0; 4096]));
+        p[offset..offset + data.len()].copy_from_slice(data);
+    }
+}
+
+/// An address space as a map; table frames charged per 2 MiB region touched.
+#[derive(Default)]
+pub struct FakeAddressSpace {
+    map: BTreeMap<u64, (Mfn, PagePerms)>,
+    tables: BTreeMap<u64, Mfn>,
+    root: Option<Mfn>,
+}
+
+impl FakeAddressSpace {
+    pub fn new() -> Self {
+        FakeAddressSpace {
+            map: BTreeMap::new(),
+            tables: BTreeMap::new(),
+            root: None,
+        }
+    }
+    pub fn mapped(&self) -> usize {
+        self.map.len()
+    }
+    pub fn mappings(&self) -> impl Iterator<Item = (u64, Mfn, PagePerms)> + '_ {
+        self.map.iter().map(|(&va, &(f, p))| (va, f, p))
+    }
+}
+
+impl AddressSpace for FakeAddressSpace {
+    fn map(
+        &mut self,
+        va: u64,
+        frame: Mfn,
+        perms: PagePerms,
+        tables: &mut dyn FrameSource,
+    ) -> Result<(), MapError> {
+        if va % 4096 != 0 || va >= DOMAIN_VA_END {
+            return Err(MapError::BadAddress);
+        }
+        if self.map.contains_key(&va) {
+            return Err(MapError::AlreadyMapped);
+        }
+        let region = va >> 21;
+        if let alloc::collections::btree_map::Entry::Vacant(e) = self.tables.entry(region) {
+            e.insert(tables.alloc_frame().ok_or(MapError::OutOfFrames)?);
+        }
+        self.map.insert(va, (frame, perms));
+        Ok(())
+    }
+    fn unmap(&mut self, va: u64) -> Option<Mfn> {
+        self.map.remove(&(va & !0xfff)).map(|(f, _)| f)
+    }
+    fn translate(&self, va: u64) -> Option<(Mfn, PagePerms)> {
+        self.map.get(&(va & !0xfff)).copied()
+    }
+    fn root(&self) -> Mfn {
+        self.root.unwrap_or(Mfn(0))
+    }
+    fn release(&mut self, tables: &mut dyn FrameSource) {
+        for (_, t) in core::mem::take(&mut self.tables) {
+            tables.free_frame(t);
+        }
+        if let Some(r) = self.root.take() {
+            tables.free_frame(r);
+        }
+    }
+}
+
+/// Makes [`FakeAddressSpace`]s, charging the root frame.
+pub struct FakeMmu;
+
+impl AddressSpaceFactory for FakeMmu {
+    fn create(&mut self, tables: &mut dyn FrameSource) -> Result<Box<dyn AddressSpace>, MapError> {
+        let root = tables.alloc_frame().ok_or(MapError::OutOfFrames)?;
+        let mut a = FakeAddressSpace::new();
+        a.root = Some(root);
+        Ok(Box::new(a))
+    }
+}
+
+/// A settable clock (1 GHz TSC, so ticks = ns).
+#[derive(Default)]
+pub struct FakeClock {
+    pub now: core::cell::Cell<u64>,
+}
+
+impl super::hypervisor::Clock for FakeClock {
+    fn now_ns(&self) -> u64 {
+        self.now.get()
+    }
+    fn tsc(&self) -> u64 {
+        self.now.get()
+    }
+    fn tsc_hz(&self) -> u64 {
+        1_000_000_000
+    }
+}
+
+/// Console output collected as bytes.
+#[derive(Default)]
+pub struct Lines(pub Vec<u8>);
+
+impl super::console::ConsoleSink for Lines {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+}
+
+impl Lines {
+    pub fn text(&self) -> alloc::string::String {
+        alloc::string::String::from_utf8_lossy(&self.0).into_owned()
+    }
+}
+
+/// Everything a [`super::Platform`] borrows, owned.
+pub struct Env {
+    pub frames: FakeFrames,
+    pub phys: FakePhys,
+    pub mmu: FakeMmu,
+    pub clock: FakeClock,
+    pub console: Lines,
+}
+
+impl Env {
+    pub fn new(frames: u64) -> Self {
+        Env {
+            frames: FakeFrames::new(frames),
+            phys: FakePhys::default(),
+            mmu: FakeMmu,
+            clock: FakeClock::default(),
+            console: Lines::default(),
+        }
+    }
+
+    pub fn platform(&mut self) -> super::Platform<'_> {
+        super::Platform {
+            frames: &mut self.frames,
+            phys: &self.phys,
+            mmu: &mut self.mmu,
+            clock: &self.clock,
+            console: &mut self.console,
+        }
+    }
+
+    /// Read `len` bytes of a frame.
+    pub fn frame_bytes(&self, f: Mfn, off: usize, len: usize) -> Vec<u8> {
+        let mut b = alloc::vec![0u8; len];
+        self.phys.read(f, off, &mut b);
+        b
+    }
+}
+
+impl FakePhys {
+    /// Test helper: write bytes into a frame.
+    pub fn write_bytes(&self, frame: Mfn, offset: usize, data: &[u8]) {
+        self.write(frame, offset, data);
+    }
+}

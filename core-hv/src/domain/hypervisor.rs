@@ -1,0 +1,318 @@
+//! The portable hypervisor state (domain table + scheduler) and the entry points the arch
+//! layer calls: syscall entry ([`Hypervisor::hypercall`]), CPU exceptions in a domain
+//! ([`Hypervisor::fault`]), the timer interrupt ([`Hypervisor::timer_tick`]), picking the
+//! next vCPU ([`Hypervisor::schedule`]), and reporting which address space a CPU has loaded
+//! ([`Hypervisor::address_space_loaded`]), which is when dying domains are freed.
+//!
+//! Every entry point takes a [`Platform`]: the arch layer's frame pool, physical memory
+//! access, page-table factory, clock and console, borrowed for the call.
+
+use alloc::vec::Vec;
+
+use shared_abi::DomId;
+use shared_abi::shared_info::{LEGACY_MAX_VCPUS, VcpuTimeInfo};
+use shared_abi::start_info::EntryState;
+
+use super::console::ConsoleSink;
+use super::memory::{AddressSpaceFactory, FrameSource, Mfn, PhysMem, ReservedFrames};
+use super::{DomainState, DomainTable, ExitReason, FaultInfo, ShutdownReason};
+use crate::sched::{CpuId, CpuSet, Decision, SchedConfig, Scheduler, TickResult, VcpuId};
+
+/// Hypervisor system time and the TSC.
+pub trait Clock {
+    /// Nanoseconds since boot (monotonic).
+    fn now_ns(&self) -> u64;
+    /// The TSC now.
+    fn tsc(&self) -> u64;
+    /// TSC ticks per second.
+    fn tsc_hz(&self) -> u64;
+}
+
+/// What the portable code borrows from the arch layer for one call.
+pub struct Platform<'a> {
+    pub frames: &'a mut dyn FrameSource,
+    pub phys: &'a dyn PhysMem,
+    pub mmu: &'a mut dyn AddressSpaceFactory,
+    pub clock: &'a dyn Clock,
+    pub console: &'a mut dyn ConsoleSink,
+}
+
+/// Policy knobs of the core.
+#[derive(Clone, Copy, Debug)]
+pub struct HvConfig {
+    /// Free a domain's memory as soon as it shuts down (no toolstack keeps it for
+    /// inspection yet). Faults always free at once.
+    pub destroy_on_shutdown: bool,
+    pub sched: SchedConfig,
+}
+
+impl Default for HvConfig {
+    fn default() -> Self {
+        HvConfig {
+            destroy_on_shutdown: true,
+            sched: SchedConfig::default(),
+        }
+    }
+}
+
+/// What the arch layer must do after a hypercall, fault or event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Exit {
+    /// The value for the caller's RAX (hypercalls only).
+    pub ret: i64,
+    /// This CPU must call [`Hypervisor::schedule`] before returning to a domain.
+    pub resched: bool,
+    /// Other CPUs to interrupt.
+    pub kicks: CpuSet,
+}
+
+/// The hypervisor's portable state.
+pub struct Hypervisor {
+    pub domains: DomainTable,
+    pub sched: Scheduler,
+    pub config: HvConfig,
+    /// Per CPU: the domain whose address space is loaded (CR3), if any.
+    loaded: Vec<Option<DomId>>,
+    /// Kicks produced outside an entry point (e.g. by building a domain), handed out by the
+    /// next [`Hypervisor::take_kicks`].
+    pub(crate) pending_kicks: CpuSet,
+}
+
+impl Hypervisor {
+    pub fn new(nr_cpus: usize, config: HvConfig, now: u64) -> Self {
+        let sched = Scheduler::new(nr_cpus, config.sched, now);
+        Hypervisor {
+            domains: DomainTable::new(),
+            loaded: alloc::vec![None; sched.nr_cpus()],
+            sched,
+            config,
+            pending_kicks: CpuSet::EMPTY,
+        }
+    }
+
+    /// CPUs to interrupt because of work created outside the entry points.
+    pub fn take_kicks(&mut self) -> CpuSet {
+        core::mem::take(&mut self.pending_kicks)
+    }
+
+    /// The register state a freshly built domain starts with.
+    pub fn entry_state(&self, dom: DomId) -> Option<EntryState> {
+        self.domains
+            .get(dom)
+            .map(|d| EntryState::for_entry(d.entry))
+    }
+
+    /// The page-table root to load for `dom`.
+    pub fn address_space_root(&self, dom: DomId) -> Option<Mfn> {
+        self.domains.get(dom)?.aspace.as_ref().map(|a| a.root())
+    }
+
+    /// Shut a domain down: it stops running, the reason is recorded; with
+    /// `destroy_on_shutdown` (and always for crashes by fault) it is destroyed too.
+    pub fn shutdown_domain(
+        &mut self,
+        p: &mut Platform<'_>,
+        dom: DomId,
+        exit: ExitReason,
+    ) -> CpuSet {
+        let now = p.clock.now_ns();
+        let Some(d) = self.domains.get_mut(dom) else {
+            return CpuSet::EMPTY;
+        };
+        let reason = exit.shutdown_reason();
+        if !d.set_state(DomainState::Shutdown(reason)) {
+            return CpuSet::EMPTY;
+        }
+        d.exit = Some(exit);
+        if d.console.has_partial_line() {
+            let name = d.name.clone();
+            d.console.flush(&name, p.console);
+        }
+        let mut line = alloc::format!("(hv) domain {dom} ({}) stopped: {exit}\n", d.name);
+        line.truncate(256);
+        p.console.write(line.as_bytes());
+        let mut kicks = self.sched.pause_domain(dom, now);
+        if self.config.destroy_on_shutdown || matches!(exit, ExitReason::Fault(_)) {
+            kicks = kicks.union(self.destroy_domain(p, dom));
+        }
+        kicks
+    }
+
+    /// Destroy a domain: it leaves the scheduler now and its memory is freed as soon as no
+    /// CPU has its address space loaded.
+    pub fn destroy_domain(&mut self, p: &mut Platform<'_>, dom: DomId) -> CpuSet {
+        let Some(d) = self.domains.get_mut(dom) else {
+            return CpuSet::EMPTY;
+        };
+        if !d.set_state(DomainState::Dying) {
+            return CpuSet::EMPTY;
+        }
+        let kicks = self.sched.remove_domain(dom);
+        self.reap(p);
+        kicks
+    }
+
+    /// Free every dying domain no CPU runs or has loaded.
+    fn reap(&mut self, p: &mut Platform<'_>) {
+        let dying: Vec<DomId> = self
+            .domains
+            .iter()
+            .filter(|d| d.state() == DomainState::Dying)
+            .map(|d| d.id)
+            .collect();
+        for id in dying {
+            if self.sched.domain_on_cpu(id) || self.loaded.contains(&Some(id)) {
+                continue;
+            }
+            let Some(d) = self.domains.get_mut(id) else {
+                continue;
+            };
+            let mut frames = ReservedFrames {
+                reservation: &mut d.reservation,
+                pool: &mut *p.frames,
+            };
+            if let Some(mut aspace) = d.aspace.take() {
+                for (va, f) in core::mem::take(&mut d.pages) {
+                    aspace.unmap(va);
+                    frames.free_frame(f);
+                }
+                aspace.release(&mut frames);
+            }
+            d.set_state(DomainState::Dead);
+        }
+    }
+
+    /// The arch layer loaded `dom`'s address space on `cpu` (or the hypervisor's own, for
+    /// `None`). Dying domains no CPU holds any more are freed here.
+    pub fn address_space_loaded(&mut self, p: &mut Platform<'_>, cpu: CpuId, dom: Option<DomId>) {
+        if let Some(slot) = self.loaded.get_mut(cpu) {
+            *slot = dom;
+        }
+        self.reap(p);
+    }
+
+    /// A CPU exception in the domain running on `cpu`: that domain stops, its memory is
+    /// freed, the fault is its recorded exit reason. Every other domain goes on.
+    pub fn fault(&mut self, p: &mut Platform<'_>, cpu: CpuId, info: FaultInfo) -> Exit {
+        let Some((dom, _)) = self.sched.current(cpu).and_then(|v| self.sched.owner(v)) else {
+            return Exit {
+                resched: true,
+                ..Exit::default()
+            };
+        };
+        let kicks = self.shutdown_domain(p, dom, ExitReason::Fault(info));
+        Exit {
+            ret: 0,
+            resched: true,
+            kicks: CpuSet(kicks.0 & !(1u64 << cpu.min(63))),
+        }
+    }
+
+    /// The timer interrupt on `cpu`.
+    pub fn timer_tick(&mut self, p: &mut Platform<'_>, cpu: CpuId) -> TickResult {
+        let now = p.clock.now_ns();
+        let r = self.sched.tick(cpu, now);
+        for &v in &r.timers_fired {
+            if let Some((dom, idx)) = self.sched.owner(v)
+                && let Some(d) = self.domains.get_mut(dom)
+                && let Some(flag) = d.polling.get_mut(idx as usize)
+            {
+                *flag = false;
+            }
+        }
+        r
+    }
+
+    /// Pick what `cpu` runs next. Before entering the chosen vCPU the arch layer loads its
+    /// domain's address space, calls [`Hypervisor::address_space_loaded`], and restores its
+    /// registers (or the [`EntryState`] on first entry).
+    pub fn schedule(&mut self, p: &mut Platform<'_>, cpu: CpuId) -> Decision {
+        let now = p.clock.now_ns();
+        let d = self.sched.schedule(cpu, now);
+        if let Some(v) = d.next {
+            self.publish_time(p, v);
+        }
+        d
+    }
+
+    /// Write the vCPU's time info into its `shared_info` slot (seqlock: odd version while
+    /// writing).
+    pub fn publish_time(&mut self, p: &mut Platform<'_>, v: VcpuId) {
+        let Some((dom, idx)) = self.sched.owner(v) else {
+            return;
+        };
+        if idx as usize >= LEGACY_MAX_VCPUS {
+            return;
+        }
+        let Some(d) = self.domains.get(dom) else {
+            return;
+        };
+        let at = idx as usize * 64 + 32;
+        let mut ver = [0u8; 4];
+        p.phys.read(d.shared_info, at, &mut ver);
+        let ver = u32::from_le_bytes(ver);
+        let (mul, shift) = VcpuTimeInfo::scale_for_tsc_hz(p.clock.tsc_hz());
+        let t = VcpuTimeInfo {
+            version: ver.wrapping_add(1) | 1,
+            pad0: 0,
+            tsc_timestamp: p.clock.tsc(),
+            system_time: p.clock.now_ns(),
+            tsc_to_system_mul: mul,
+            tsc_shift: shift,
+            flags: shared_abi::shared_info::PVCLOCK_TSC_STABLE,
+            pad1: [0; 2],
+        };
+        p.phys.write(d.shared_info, at, &t.version.to_le_bytes());
+        let mut body = [0u8; 24];
+        body[0..8].copy_from_slice(&t.tsc_timestamp.to_le_bytes());
+        body[8..16].copy_from_slice(&t.system_time.to_le_bytes());
+        body[16..20].copy_from_slice(&t.tsc_to_system_mul.to_le_bytes());
+        body[20] = t.tsc_shift as u8;
+        body[21] = t.flags;
+        p.phys.write(d.shared_info, at + 8, &body);
+        p.phys
+            .write(d.shared_info, at, &t.version.wrapping_add(1).to_le_bytes());
+    }
+
+    /// The event-channel layer marked `port` pending for `dom`, notifying vCPU `vcpu`:
+    /// wake that vCPU if it is blocked, and every vCPU of the domain blocked in a poll.
+    pub fn event_pending(&mut self, p: &mut Platform<'_>, dom: DomId, vcpu: u32) -> CpuSet {
+        let now = p.clock.now_ns();
+        let Some(d) = self.domains.get_mut(dom) else {
+            return CpuSet::EMPTY;
+        };
+        let mut wake: Vec<VcpuId> = Vec::new();
+        for (i, &v) in d.vcpus.iter().enumerate() {
+            if i as u32 == vcpu || d.polling.get(i).copied().unwrap_or(false) {
+                wake.push(v);
+            }
+            if let Some(f) = d.polling.get_mut(i) {
+                *f = false;
+            }
+        }
+        wake.into_iter()
+            .fold(CpuSet::EMPTY, |k, v| k.union(self.sched.wake(v, now)))
+    }
+
+    /// Status line for a domain: `(name, state, exit reason)`.
+    pub fn describe(&self, dom: DomId) -> Option<(&str, DomainState, Option<ExitReason>)> {
+        self.domains
+            .get(dom)
+            .map(|d| (d.name.as_str(), d.state(), d.exit))
+    }
+
+    /// True once every domain has stopped (the `exit_when_done` condition).
+    pub fn all_stopped(&self) -> bool {
+        self.domains.iter().all(|d| {
+            !matches!(
+                d.state(),
+                DomainState::Running | DomainState::Paused | DomainState::Building
+            )
+        })
+    }
+
+    /// Shutdown reason helper for callers without an `ExitReason` at hand.
+    pub fn crash(&mut self, p: &mut Platform<'_>, dom: DomId) -> CpuSet {
+        self.shutdown_domain(p, dom, ExitReason::Shutdown(ShutdownReason::Crash))
+    }
+}

@@ -1,0 +1,255 @@
+//! Typed hypercalls. The instruction is `syscall` (Xen's x86-64 PV convention): number in
+//! RAX, arguments in RDI, RSI, RDX, R10, R8, result or negative errno in RAX. The CPU
+//! clobbers RCX and R11; the hypervisor may clobber the argument registers.
+//!
+//! Every wrapper returns `Result<_, XenError>`. On the host (tests, `cargo check`) there is
+//! no hypervisor: calls go to a replaceable mock that answers `-ENOSYS` by default.
+
+use shared_abi::DomId;
+use shared_abi::errno::XenError;
+use shared_abi::hypercall::{self as hc, console_io, sched_op, vcpu_op, xen_version};
+use shared_abi::hypercall_args::{
+    SchedPoll, SchedRemoteShutdown, SchedShutdown, VcpuRunstateInfo, VcpuSetSingleshotTimer, Wire,
+    XenFeatureInfo,
+};
+
+/// Issue hypercall `nr`.
+///
+/// # Safety
+/// Pointer arguments must point to memory valid for what the hypercall reads or writes.
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+pub unsafe fn raw(nr: u64, args: [u64; 5]) -> i64 {
+    let ret: i64;
+    // SAFETY: `syscall` enters the hypervisor, which validates every argument and touches
+    // only memory the arguments name (the caller vouches for it); RCX/R11 and the argument
+    // registers are declared clobbered.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") nr as i64 => ret,
+            inlateout("rdi") args[0] => _,
+            inlateout("rsi") args[1] => _,
+            inlateout("rdx") args[2] => _,
+            inlateout("r10") args[3] => _,
+            inlateout("r8") args[4] => _,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+/// Host stand-in for the hypervisor (tests install a mock).
+#[cfg(not(all(target_arch = "x86_64", target_os = "none")))]
+pub static MOCK: spin::Mutex<Option<MockHypervisor>> = spin::Mutex::new(None);
+
+/// A host stand-in for the hypervisor: `(number, arguments) -> RAX`.
+#[cfg(not(all(target_arch = "x86_64", target_os = "none")))]
+pub type MockHypervisor = fn(u64, [u64; 5]) -> i64;
+
+/// Issue hypercall `nr` (host: ask [`MOCK`]).
+///
+/// # Safety
+/// As on the target: pointer arguments must be valid.
+#[cfg(not(all(target_arch = "x86_64", target_os = "none")))]
+pub unsafe fn raw(nr: u64, args: [u64; 5]) -> i64 {
+    match *MOCK.lock() {
+        Some(f) => f(nr, args),
+        None => XenError::ENOSYS.as_ret(),
+    }
+}
+
+fn call(nr: u64, args: [u64; 5]) -> Result<u64, XenError> {
+    // SAFETY: every wrapper below passes pointers to live locals or slices of the right size.
+    XenError::from_ret(unsafe { raw(nr, args) })
+}
+
+fn ptr<T>(v: &T) -> u64 {
+    v as *const T as u64
+}
+
+/// `CONSOLEIO_write`.
+pub fn console_write(bytes: &[u8]) -> Result<(), XenError> {
+    call(
+        hc::CONSOLE_IO,
+        [
+            console_io::WRITE,
+            bytes.len() as u64,
+            bytes.as_ptr() as u64,
+            0,
+            0,
+        ],
+    )
+    .map(|_| ())
+}
+
+/// `XENVER_version`: (major, minor).
+pub fn xen_version() -> Result<(u16, u16), XenError> {
+    let v = call(hc::XEN_VERSION, [xen_version::VERSION, 0, 0, 0, 0])?;
+    Ok(((v >> 16) as u16, v as u16))
+}
+
+/// `XENVER_extraversion`.
+pub fn xen_extraversion() -> Result<[u8; xen_version::EXTRAVERSION_LEN], XenError> {
+    let mut b = [0u8; xen_version::EXTRAVERSION_LEN];
+    call(
+        hc::XEN_VERSION,
+        [xen_version::EXTRAVERSION, b.as_mut_ptr() as u64, 0, 0, 0],
+    )?;
+    Ok(b)
+}
+
+/// `XENVER_get_features` for submap `idx`.
+pub fn xen_features(idx: u32) -> Result<u32, XenError> {
+    let mut b = [0u8; 8];
+    XenFeatureInfo {
+        submap_idx: idx,
+        submap: 0,
+    }
+    .encode(&mut b);
+    call(
+        hc::XEN_VERSION,
+        [xen_version::GET_FEATURES, b.as_mut_ptr() as u64, 0, 0, 0],
+    )?;
+    XenFeatureInfo::decode(&b)
+        .map(|f| f.submap)
+        .ok_or(XenError::EFAULT)
+}
+
+/// `SCHEDOP_yield`.
+pub fn sched_yield() -> Result<(), XenError> {
+    call(hc::SCHED_OP, [sched_op::YIELD, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// `SCHEDOP_block`: enable event delivery and wait for an event or a timer.
+pub fn sched_block() -> Result<(), XenError> {
+    call(hc::SCHED_OP, [sched_op::BLOCK, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// `SCHEDOP_poll`: wait until one of `ports` is pending or system time `timeout_ns`
+/// (0 = none).
+pub fn sched_poll(ports: &[u32], timeout_ns: u64) -> Result<(), XenError> {
+    let mut b = [0u8; 24];
+    SchedPoll {
+        ports: ports.as_ptr() as u64,
+        nr_ports: u32::try_from(ports.len()).map_err(|_| XenError::EINVAL)?,
+        pad: 0,
+        timeout: timeout_ns,
+    }
+    .encode(&mut b);
+    call(hc::SCHED_OP, [sched_op::POLL, b.as_ptr() as u64, 0, 0, 0]).map(|_| ())
+}
+
+/// `SCHEDOP_shutdown`. Returns only if the hypervisor refused.
+pub fn shutdown(reason: u32) -> XenError {
+    let mut b = [0u8; 4];
+    SchedShutdown { reason }.encode(&mut b);
+    match call(
+        hc::SCHED_OP,
+        [sched_op::SHUTDOWN, b.as_ptr() as u64, 0, 0, 0],
+    ) {
+        Ok(_) => XenError::EINVAL,
+        Err(e) => e,
+    }
+}
+
+/// `SCHEDOP_remote_shutdown` (needs the `remote_shutdown` capability).
+pub fn remote_shutdown(domid: DomId, reason: u32) -> Result<(), XenError> {
+    let mut b = [0u8; 8];
+    SchedRemoteShutdown {
+        domain_id: domid,
+        pad: 0,
+        reason,
+    }
+    .encode(&mut b);
+    call(
+        hc::SCHED_OP,
+        [sched_op::REMOTE_SHUTDOWN, b.as_ptr() as u64, 0, 0, 0],
+    )
+    .map(|_| ())
+}
+
+/// `VCPUOP_set_singleshot_timer` on vCPU `vcpu` (must be the caller) at system time
+/// `deadline_ns`.
+pub fn set_timer(vcpu: u32, deadline_ns: u64) -> Result<(), XenError> {
+    let mut b = [0u8; 16];
+    VcpuSetSingleshotTimer {
+        timeout_abs_ns: deadline_ns,
+        flags: 0,
+        pad: 0,
+    }
+    .encode(&mut b);
+    call(
+        hc::VCPU_OP,
+        [
+            vcpu_op::SET_SINGLESHOT_TIMER,
+            u64::from(vcpu),
+            b.as_ptr() as u64,
+            0,
+            0,
+        ],
+    )
+    .map(|_| ())
+}
+
+/// `VCPUOP_stop_singleshot_timer`.
+pub fn stop_timer(vcpu: u32) -> Result<(), XenError> {
+    call(
+        hc::VCPU_OP,
+        [vcpu_op::STOP_SINGLESHOT_TIMER, u64::from(vcpu), 0, 0, 0],
+    )
+    .map(|_| ())
+}
+
+/// `VCPUOP_get_runstate_info`.
+pub fn runstate(vcpu: u32) -> Result<VcpuRunstateInfo, XenError> {
+    let mut b = [0u8; 48];
+    call(
+        hc::VCPU_OP,
+        [
+            vcpu_op::GET_RUNSTATE_INFO,
+            u64::from(vcpu),
+            b.as_mut_ptr() as u64,
+            0,
+            0,
+        ],
+    )?;
+    VcpuRunstateInfo::decode(&b).ok_or(XenError::EFAULT)
+}
+
+/// `XENMEM_current_reservation` / `XENMEM_maximum_reservation` of `domid` (pages).
+pub fn reservation(domid: DomId, maximum: bool) -> Result<u64, XenError> {
+    let cmd = if maximum {
+        shared_abi::hypercall::memory_op::MAXIMUM_RESERVATION
+    } else {
+        shared_abi::hypercall::memory_op::CURRENT_RESERVATION
+    };
+    call(hc::MEMORY_OP, [cmd, ptr(&domid), 0, 0, 0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn echo(nr: u64, a: [u64; 5]) -> i64 {
+        if nr == hc::XEN_VERSION && a[0] == xen_version::VERSION {
+            (4 << 16) | 17
+        } else if nr == hc::SCHED_OP {
+            XenError::EPERM.as_ret()
+        } else {
+            0
+        }
+    }
+
+    #[test]
+    fn wrappers_decode_results_and_errors() {
+        *MOCK.lock() = Some(echo);
+        assert_eq!(xen_version(), Ok((4, 17)));
+        assert_eq!(sched_yield(), Err(XenError::EPERM));
+        assert_eq!(shutdown(0), XenError::EPERM);
+        assert_eq!(console_write(b"x"), Ok(()));
+        *MOCK.lock() = None;
+        assert_eq!(xen_version(), Err(XenError::ENOSYS));
+    }
+}
