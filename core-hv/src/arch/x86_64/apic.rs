@@ -180,6 +180,20 @@ pub fn start_timer() {
     write(REG_TIMER_INIT, TIMER_COUNT.load(Ordering::Acquire));
 }
 
+/// Switch this CPU's timer to one-shot mode (the PV scheduler arms it per decision).
+pub fn set_oneshot() {
+    write(REG_TIMER_DIVIDE, DIVIDE_BY_16);
+    write(REG_LVT_TIMER, TIMER_VECTOR as u32);
+}
+
+/// Fire the one-shot timer in `ns` nanoseconds (at least one count).
+pub fn arm_ns(ns: u64) {
+    let per_tick = TIMER_COUNT.load(Ordering::Relaxed) as u128;
+    let counts =
+        (ns as u128 * per_tick * TICK_HZ as u128 / 1_000_000_000).clamp(1, u32::MAX as u128);
+    write(REG_TIMER_INIT, counts as u32);
+}
+
 fn send_ipi(apic_id: u32, low: u32) {
     write(REG_ICR_HIGH, apic_id << 24);
     write(REG_ICR_LOW, low);
@@ -189,6 +203,11 @@ fn send_ipi(apic_id: u32, low: u32) {
         }
         core::hint::spin_loop();
     }
+}
+
+/// A fixed-delivery interrupt with `vector` to `apic_id`.
+pub fn send_fixed(apic_id: u32, vector: u8) {
+    send_ipi(apic_id, 0x0000_4000 | vector as u32);
 }
 
 /// INIT (assert, level) then INIT de-assert to `apic_id`.

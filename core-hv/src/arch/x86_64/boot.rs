@@ -182,6 +182,8 @@ struct BspContext {
     boot_tsc: u64,
     boot_domains: u32,
     bsp_apic_id: u32,
+    /// The boot image (validated by `check_boot_module`): physical address and size.
+    module: (u64, u64),
 }
 
 /// First Rust code on the boot CPU (boot stack, boot page tables).
@@ -288,12 +290,14 @@ extern "C" fn bsp_entry(start_info_paddr: u32) -> ! {
         pc.install();
         idt::init(true);
     }
+    let module = info.modules.first().map_or((0, 0), |m| (m.paddr, m.size));
     let ctx = Box::leak(Box::new(BspContext {
         info,
         options,
         boot_tsc,
         boot_domains,
         bsp_apic_id,
+        module,
     }));
     // SAFETY: the new stack is mapped, unused, with a guard below; `bsp_main` never returns,
     // so nothing on the boot stack is used again.
@@ -416,13 +420,23 @@ extern "C" fn bsp_main(ctx: &'static BspContext) -> ! {
         warn!("test_fault: raising {f:?} on purpose");
         raise(f);
     }
-    if ctx.options.exit_when_done {
-        info!("exit_when_done: powering off");
+    if ctx.options.exit_when_done && ctx.boot_domains == 0 {
+        info!("exit_when_done: no boot domains, powering off");
         cpu::debug_exit(EXIT_SUCCESS);
     }
-    loop {
-        cpu::halt();
-    }
+    let fpu = super::pv::init_cpu();
+    info!("PV domains: syscall entry on, FPU state switched eagerly with {fpu}");
+    // SAFETY: `check_boot_module` checked that the module lies in direct-mapped RAM; it is
+    // reserved from the frame allocator and nothing writes it.
+    let module = unsafe {
+        core::slice::from_raw_parts(
+            super::phys_to_virt(ctx.module.0) as *const u8,
+            ctx.module.1 as usize,
+        )
+    };
+    let built = super::pv::boot_domains(module, super::percpu::count(), ctx.options.exit_when_done);
+    info!("{built} of {} boot domains built", ctx.boot_domains);
+    super::pv::cpu_loop()
 }
 
 /// Raise the requested exception on this CPU.

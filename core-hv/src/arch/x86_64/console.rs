@@ -51,6 +51,15 @@ pub fn raw_line(args: fmt::Arguments<'_>) {
     });
 }
 
+/// Print bytes exactly as given (a domain's finished console line, already sanitised).
+pub fn raw_bytes(bytes: &[u8]) {
+    with_port(|p| {
+        for &b in bytes {
+            p.write_byte(b);
+        }
+    });
+}
+
 /// `raw_line` with `format!` syntax.
 #[macro_export]
 macro_rules! raw_println {

@@ -15,6 +15,10 @@ use talc::source::Source;
 use super::{memory, phys_to_virt};
 use crate::mm::FRAME_SIZE;
 
+/// Frames the heap has taken from the frame allocator so far (it never gives them back):
+/// lets a boot compare free frames before and after domains while allowing for heap growth.
+pub static HEAP_FRAMES: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 /// Smallest run claimed at a time.
 pub const GROW_BYTES: u64 = 1 << 20;
 
@@ -31,6 +35,7 @@ unsafe impl Source for FrameSource {
             .max(GROW_BYTES);
         let frames = want.div_ceil(FRAME_SIZE);
         let phys = memory::alloc_contiguous(frames, FRAME_SIZE).ok_or(())?;
+        HEAP_FRAMES.fetch_add(frames, core::sync::atomic::Ordering::Relaxed);
         // SAFETY: the frames were just allocated for the heap alone and are direct-mapped
         // read-write; they are never freed back.
         unsafe {

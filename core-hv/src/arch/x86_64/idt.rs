@@ -1,9 +1,11 @@
-//! The IDT (one, shared by every CPU), the exception entry stubs and the fatal exception report.
+//! The IDT (one, shared by every CPU), the entry stubs for exceptions, interrupts and
+//! `syscall`, the return paths to ring 0/3, and the fatal exception report.
 //!
-//! Every exception (vectors 0–31) is fatal at this stage: its stub saves all general registers
-//! and calls [`exception_report`], which prints vector and name, error code, RIP, RSP, RFLAGS,
-//! CS, SS, CR2, CR3, every general register and the CPU, then powers off with
-//! `EXIT_FAILURE`. #DF, NMI and #MC run on their own IST stacks (so a kernel stack overflow,
+//! Every entry saves all general registers in one frame shape ([`ExceptionFrame`]) and calls
+//! `pv::trap_entry`: an exception from ring 3 stops only the domain that took it; an
+//! exception in ring 0 is a hypervisor bug and fatal: [`exception_report`] prints vector and
+//! name, error code, RIP, RSP, RFLAGS, CS, SS, CR2, CR3, every general register and the CPU,
+//! then powers off with `EXIT_FAILURE`. #DF, NMI and #MC run on their own IST stacks (so a kernel stack overflow,
 //! which cannot push a #PF frame, still gets reported through #DF).
 //!
 //! Invariant: the table is written only by the BSP, before any AP loads it.
@@ -19,12 +21,16 @@ use super::{console, cpu, percpu};
 
 /// Local APIC timer.
 pub const TIMER_VECTOR: u8 = 0x20;
+/// Inter-processor "reschedule / flush" interrupt.
+pub const KICK_VECTOR: u8 = 0x21;
+/// The frame vector the `syscall` entry records (not an IDT vector).
+pub const SYSCALL_VECTOR: u64 = 0x100;
 /// Local APIC spurious-interrupt vector.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
 /// Registers saved by the exception stub, lowest address first.
 #[repr(C)]
-#[derive(Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ExceptionFrame {
     pub r15: u64,
     pub r14: u64,
@@ -48,6 +54,13 @@ pub struct ExceptionFrame {
     pub rflags: u64,
     pub rsp: u64,
     pub ss: u64,
+}
+
+impl ExceptionFrame {
+    /// All registers zero.
+    pub fn zeroed() -> Self {
+        Self::default()
+    }
 }
 
 // Entry stubs. Vectors with a CPU-pushed error code: 8, 10-14, 17, 21, 29, 30; the others push
@@ -97,7 +110,15 @@ global_asm!(
     EXC_STUB 30, 1
     EXC_STUB 31, 0
 
+    // Every exception and interrupt: one frame shape ([`ExceptionFrame`]). From ring 3 the
+    // GS base is the domain's, so swap in the per-CPU one first (and back on the way out).
+    // The CPU aligned RSP to 16 before pushing; 22 words keep it aligned for the call.
+    .global bulkhead_exc_common
     bulkhead_exc_common:
+        test qword ptr [rsp + 24], 3
+        jz 1f
+        swapgs
+    1:
         push rax
         push rbx
         push rcx
@@ -115,35 +136,105 @@ global_asm!(
         push r15
         cld
         mov rdi, rsp
-        and rsp, -16
-        call {report}
-        ud2
+        call {dispatch}
+        test eax, eax
+        jnz bulkhead_sysret_path
 
-    // Timer: save the caller-saved registers (the frame plus 9 pushes keeps RSP 16-aligned
-    // at the call), count the tick, EOI, return.
-    .global bulkhead_timer_stub
-    bulkhead_timer_stub:
-        push rax
-        push rcx
-        push rdx
-        push rsi
-        push rdi
-        push r8
-        push r9
-        push r10
-        push r11
-        cld
-        call {timer}
+    // Return to whatever the frame at RSP describes (ring 0 or 3) with iretq.
+    .global bulkhead_iret_path
+    bulkhead_iret_path:
+        pop r15
+        pop r14
+        pop r13
+        pop r12
         pop r11
         pop r10
         pop r9
         pop r8
+        pop rbp
         pop rdi
         pop rsi
         pop rdx
         pop rcx
+        pop rbx
         pop rax
+        add rsp, 16
+        test qword ptr [rsp + 8], 3
+        jz 2f
+        swapgs
+    2:
         iretq
+
+    // Return to ring 3 with sysretq. Only taken when the dispatcher checked that RCX = RIP
+    // (canonical, lower half) and R11 = RFLAGS (sanitised), so sysret loads exactly the frame.
+    bulkhead_sysret_path:
+        pop r15
+        pop r14
+        pop r13
+        pop r12
+        pop r11
+        pop r10
+        pop r9
+        pop r8
+        pop rbp
+        pop rdi
+        pop rsi
+        pop rdx
+        pop rcx
+        pop rbx
+        pop rax
+        mov rsp, [rsp + 40]
+        swapgs
+        sysretq
+
+    // The `syscall` entry (LSTAR). IF, DF, TF, AC are masked by SFMASK. Build the same frame
+    // an interrupt from ring 3 would leave on the per-CPU kernel stack, vector 0x100.
+    .global bulkhead_syscall_entry
+    bulkhead_syscall_entry:
+        swapgs
+        mov gs:[{off_user_rsp}], rsp
+        mov rsp, gs:[{off_stack}]
+        push {user_ds}
+        push qword ptr gs:[{off_user_rsp}]
+        push r11
+        push {user_cs}
+        push rcx
+        push 0
+        push {syscall_vector}
+        push rax
+        push rbx
+        push rcx
+        push rdx
+        push rsi
+        push rdi
+        push rbp
+        push r8
+        push r9
+        push r10
+        push r11
+        push r12
+        push r13
+        push r14
+        push r15
+        cld
+        mov rdi, rsp
+        call {dispatch}
+        test eax, eax
+        jnz bulkhead_sysret_path
+        jmp bulkhead_iret_path
+
+    // Timer and kick interrupts take the common path.
+    .global bulkhead_timer_stub
+    bulkhead_timer_stub:
+        push 0
+        push {timer_vector}
+        jmp bulkhead_exc_common
+
+    .global bulkhead_kick_stub
+    bulkhead_kick_stub:
+        push 0
+        push {kick_vector}
+        jmp bulkhead_exc_common
 
     // Spurious APIC interrupts need no EOI.
     .global bulkhead_spurious_stub
@@ -158,14 +249,25 @@ global_asm!(
         .quad bulkhead_exc_stub_\n
     .endr
     "#,
-    report = sym exception_report,
-    timer = sym timer_interrupt,
+    dispatch = sym super::pv::trap_entry,
+    off_user_rsp = const super::percpu::OFF_USER_RSP,
+    off_stack = const super::percpu::OFF_SYSCALL_STACK,
+    user_ds = const super::gdt::USER_DS as u64,
+    user_cs = const super::gdt::USER_CS as u64,
+    syscall_vector = const SYSCALL_VECTOR,
+    timer_vector = const TIMER_VECTOR as u64,
+    kick_vector = const KICK_VECTOR as u64,
 );
 
 unsafe extern "C" {
     static bulkhead_exc_stub_table: [u64; 32];
     fn bulkhead_timer_stub();
+    fn bulkhead_kick_stub();
     fn bulkhead_spurious_stub();
+    /// The `syscall` entry point (for LSTAR).
+    pub fn bulkhead_syscall_entry();
+    /// Return to the frame RSP points at.
+    pub fn bulkhead_iret_path();
 }
 
 /// 256 gates of 16 bytes.
@@ -207,6 +309,7 @@ pub unsafe fn init(with_ist: bool) {
             (*idt).0[v] = gate((*stubs)[v], if with_ist { ist_for(v) } else { 0 });
         }
         (*idt).0[TIMER_VECTOR as usize] = gate(bulkhead_timer_stub as *const () as u64, 0);
+        (*idt).0[KICK_VECTOR as usize] = gate(bulkhead_kick_stub as *const () as u64, 0);
         (*idt).0[SPURIOUS_VECTOR as usize] = gate(bulkhead_spurious_stub as *const () as u64, 0);
         load();
     }
@@ -230,12 +333,17 @@ pub unsafe fn load() {
     unsafe { asm!("lidt [{}]", in(reg) &p, options(readonly, nostack, preserves_flags)) };
 }
 
-/// Timer interrupt body: count the tick on this CPU, acknowledge.
-extern "C" fn timer_interrupt() {
+/// Timer interrupt bookkeeping: count the tick on this CPU, acknowledge.
+pub fn count_tick_and_eoi() {
     if let Some(c) = percpu::current() {
         c.ticks.fetch_add(1, Ordering::Relaxed);
     }
     super::apic::eoi();
+}
+
+/// The name of exception `vector`.
+pub fn vector_name(vector: u64) -> &'static str {
+    NAMES.get(vector as usize).copied().unwrap_or("unknown")
 }
 
 const NAMES: [&str; 32] = [
@@ -277,7 +385,7 @@ const NAMES: [&str; 32] = [
 static REPORTING: AtomicBool = AtomicBool::new(false);
 
 /// The fatal exception report; never returns.
-extern "C" fn exception_report(f: &ExceptionFrame) -> ! {
+pub fn exception_report(f: &ExceptionFrame) -> ! {
     if REPORTING.swap(true, Ordering::AcqRel) {
         // A fault while reporting, or a second CPU: the first report is what matters.
         cpu::debug_exit(EXIT_FAILURE);

@@ -177,6 +177,22 @@ pub fn usable_ranges() -> Vec<PhysRange, MAX_RANGES> {
         .unwrap_or_default()
 }
 
+/// One free frame (physical address), or `None` when memory is exhausted.
+pub fn alloc_frame() -> Option<u64> {
+    FRAMES.lock().as_mut()?.alloc()
+}
+
+/// Give back a frame from [`alloc_frame`]. Returns false (and changes nothing) if the
+/// allocator refuses it (not allocated, outside RAM).
+pub fn free_frame(phys: u64) -> bool {
+    FRAMES.lock().as_mut().is_some_and(|f| f.free(phys).is_ok())
+}
+
+/// Number of free frames.
+pub fn free_frames() -> u64 {
+    FRAMES.lock().as_ref().map_or(0, |f| f.free_frames())
+}
+
 /// `count` contiguous frames aligned to `align` bytes; physical address.
 pub fn alloc_contiguous(count: u64, align: u64) -> Option<u64> {
     FRAMES

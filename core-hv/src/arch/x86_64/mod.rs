@@ -5,7 +5,7 @@
 //!
 //! | range | what | permissions |
 //! |---|---|---|
-//! | `0x0000_0000_0000_0000..0x0000_8000_0000_0000` | empty: left to PV domains (next issue) | — |
+//! | `0x0000_0000_0000_0000..0x0000_8000_0000_0000` | empty in the hypervisor's own tables; in each PV domain's tables, that domain's pages (see `pv::mmu`) | user |
 //! | [`DIRECT_MAP_BASE`] + phys (PML4 slot 262, inside the range Xen's PV ABI reserves for the hypervisor) | direct map of all RAM (plus on-demand ACPI/MMIO pages) | RW, NX; MMIO uncached |
 //! | [`STACK_REGION_BASE`] + slot × [`STACK_SLOT_SIZE`] (PML4 slot 264) | kernel and IST stacks, each at the top of its own slot with unmapped pages below (guards) | RW, NX |
 //! | [`KERNEL_VMA`] + phys (top 2 GiB, where the target's `kernel` code model wants code) | the hypervisor image, loaded at 1 MiB physical | .text R-X, .rodata R NX, .data/.bss RW NX |
@@ -25,6 +25,7 @@ pub mod heap;
 pub mod idt;
 pub mod memory;
 pub mod percpu;
+pub mod pv;
 pub mod serial;
 pub mod smp;
 

@@ -9,6 +9,10 @@ use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering
 use super::MAX_CPUS;
 use super::gdt::{Gdt, Tss};
 
+/// Offsets the assembly entry stubs use (`gs:[..]`).
+pub const OFF_USER_RSP: usize = core::mem::offset_of!(PerCpu, user_rsp);
+pub const OFF_SYSCALL_STACK: usize = core::mem::offset_of!(PerCpu, syscall_stack);
+
 /// Set once the BSP's GS base points at its `PerCpu`.
 static GS_READY: AtomicBool = AtomicBool::new(false);
 /// Every CPU's `PerCpu`, by index (0 = BSP).
@@ -21,6 +25,10 @@ static CPU_COUNT: AtomicUsize = AtomicUsize::new(0);
 pub struct PerCpu {
     /// Points at this structure (so `gs:0` yields a normal pointer).
     self_ptr: *const PerCpu,
+    /// Scratch for the `syscall` entry: the domain's RSP while the stub switches stacks.
+    pub user_rsp: AtomicU64,
+    /// Where the `syscall` entry puts its frame (= the TSS's RSP0, the kernel stack top).
+    pub syscall_stack: u64,
     pub index: u32,
     pub apic_id: u32,
     /// Local APIC timer interrupts taken.
@@ -49,6 +57,8 @@ impl PerCpu {
     ) -> &'static PerCpu {
         let b = alloc::boxed::Box::new(PerCpu {
             self_ptr: core::ptr::null(),
+            user_rsp: AtomicU64::new(0),
+            syscall_stack: kernel_stack_top,
             index,
             apic_id,
             ticks: AtomicU64::new(0),

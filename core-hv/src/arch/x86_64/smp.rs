@@ -321,11 +321,15 @@ extern "C" fn ap_main(pc: &'static PerCpu) -> ! {
     if apic::id() != pc.apic_id {
         log::warn!("APIC id is {}, MADT said {}", apic::id(), pc.apic_id);
     }
+    super::pv::init_cpu();
     apic::start_timer();
     cpu::enable_interrupts();
     pc.online.store(true, Ordering::Release);
     log::debug!("online (APIC id {})", pc.apic_id);
     loop {
+        if super::pv::started() {
+            super::pv::cpu_loop();
+        }
         cpu::halt();
     }
 }

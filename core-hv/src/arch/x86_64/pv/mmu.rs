@@ -1,0 +1,276 @@
+//! The memory traits of the portable domain code (`domain::memory`), on bare metal: frames
+//! from the global frame allocator, frame bytes through the direct map, and per-domain
+//! 4-level page tables.
+//!
+//! A domain's PML4 shares the hypervisor's upper half (entries 256..512 are copies of the
+//! hypervisor's root, which never gains new top-level entries once domains exist) and maps
+//! in its lower half only what the builder and `memory_op` map: every leaf is USER, NX
+//! unless the page is executable, writable only if asked. Intermediate tables are
+//! present + writable + user, so a leaf alone decides permissions. The domain never sees
+//! its tables (they are not mapped in its half) and cannot edit them.
+//!
+//! Invariants: every table frame of a domain came from the `tables` source handed to
+//! [`DomainAddressSpace::map`] (the domain's reservation) and is recorded in `tables`, so
+//! [`AddressSpace::release`] gives back exactly what was taken. Only the hypervisor lock's
+//! holder edits an address space.
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use shared_abi::start_info::DOMAIN_VA_END;
+
+use super::super::{DIRECT_MAP_LIMIT, memory, phys_to_virt};
+use crate::domain::memory::{
+    AddressSpace, AddressSpaceFactory, FrameSource, MapError, Mfn, PAGE_SIZE, PagePerms, PhysMem,
+};
+use crate::mm::paging::{ADDR_MASK, flags};
+
+/// Bumped whenever a mapping is removed from a live address space: a CPU that sees a new
+/// value reloads CR3 before it returns to a domain (see `pv::resume`).
+pub static FLUSH_GEN: AtomicU64 = AtomicU64::new(0);
+
+/// The global free-frame pool.
+#[derive(Debug, Default)]
+pub struct GlobalFrames;
+
+impl FrameSource for GlobalFrames {
+    fn alloc_frame(&mut self) -> Option<Mfn> {
+        memory::alloc_frame().map(|p| Mfn(p >> 12))
+    }
+
+    fn free_frame(&mut self, frame: Mfn) {
+        if !memory::free_frame(frame.0 << 12) {
+            log::error!("frame {:#x} freed twice or never allocated", frame.0 << 12);
+        }
+    }
+}
+
+/// Frame bytes through the direct map.
+#[derive(Debug, Default)]
+pub struct DirectPhys;
+
+fn frame_ptr(frame: Mfn, offset: usize, len: usize) -> Option<*mut u8> {
+    let phys = frame.0.checked_mul(PAGE_SIZE)?;
+    if phys >= DIRECT_MAP_LIMIT || offset.checked_add(len)? > PAGE_SIZE as usize {
+        return None;
+    }
+    Some((phys_to_virt(phys) + offset as u64) as *mut u8)
+}
+
+impl PhysMem for DirectPhys {
+    fn read(&self, frame: Mfn, offset: usize, buf: &mut [u8]) {
+        let Some(src) = frame_ptr(frame, offset, buf.len()) else {
+            return;
+        };
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `src..src+len` is inside one direct-mapped RAM frame (checked by
+            // `frame_ptr`); volatile byte reads because a domain may write the page
+            // concurrently (never a Rust reference into it).
+            *b = unsafe { core::ptr::read_volatile(src.add(i)) };
+        }
+    }
+
+    fn write(&self, frame: Mfn, offset: usize, data: &[u8]) {
+        let Some(dst) = frame_ptr(frame, offset, data.len()) else {
+            return;
+        };
+        for (i, &b) in data.iter().enumerate() {
+            // SAFETY: as in `read`; the frame belongs to the domain being served, which may
+            // race with the write but cannot make it leave the frame.
+            unsafe { core::ptr::write_volatile(dst.add(i), b) };
+        }
+    }
+
+    fn zero(&self, frame: Mfn) {
+        if let Some(dst) = frame_ptr(frame, 0, PAGE_SIZE as usize) {
+            // SAFETY: one whole direct-mapped frame the caller owns.
+            unsafe { core::ptr::write_bytes(dst, 0, PAGE_SIZE as usize) };
+        }
+    }
+}
+
+fn table_read(table: u64, index: usize) -> u64 {
+    // SAFETY: `table` is a page-table frame of this address space (direct-mapped RAM);
+    // index is masked to the table.
+    unsafe { core::ptr::read_volatile((phys_to_virt(table) as *const u64).add(index & 511)) }
+}
+
+fn table_write(table: u64, index: usize, value: u64) {
+    // SAFETY: as in `table_read`; the hypervisor lock serialises writers.
+    unsafe { core::ptr::write_volatile((phys_to_virt(table) as *mut u64).add(index & 511), value) }
+}
+
+fn index(va: u64, level: u32) -> usize {
+    ((va >> (12 + 9 * (level - 1))) & 0x1ff) as usize
+}
+
+/// One domain's page tables.
+pub struct DomainAddressSpace {
+    root: u64,
+    /// Every table frame below the root (physical addresses).
+    tables: Vec<u64>,
+}
+
+impl DomainAddressSpace {
+    fn leaf_flags(perms: PagePerms) -> u64 {
+        let mut f = flags::PRESENT | flags::USER;
+        if perms.contains(PagePerms::WRITE) {
+            f |= flags::WRITABLE;
+        }
+        if !perms.contains(PagePerms::EXEC) {
+            f |= flags::NO_EXECUTE;
+        }
+        f
+    }
+
+    /// The level-1 table for `va`, creating tables from `src` when `src` is given.
+    fn l1_for(&mut self, va: u64, mut src: Option<&mut dyn FrameSource>) -> Result<u64, MapError> {
+        let mut table = self.root;
+        let mut created: Vec<(u64, usize, u64)> = Vec::new();
+        for level in (2..=4).rev() {
+            let i = index(va, level);
+            let e = table_read(table, i);
+            if e & flags::PRESENT != 0 {
+                table = e & ADDR_MASK;
+                continue;
+            }
+            let Some(s) = src.as_deref_mut() else {
+                return Err(MapError::BadAddress);
+            };
+            let Some(f) = s.alloc_frame() else {
+                // Undo the tables made for this call so a refused map leaves nothing.
+                for (parent, pi, t) in created.into_iter().rev() {
+                    table_write(parent, pi, 0);
+                    self.tables.retain(|&x| x != t);
+                    s.free_frame(Mfn(t >> 12));
+                }
+                return Err(MapError::OutOfFrames);
+            };
+            let t = f.0 << 12;
+            if t >= DIRECT_MAP_LIMIT {
+                s.free_frame(f);
+                return Err(MapError::OutOfFrames);
+            }
+            // SAFETY: a fresh frame from the pool, direct-mapped, owned by this table.
+            unsafe { core::ptr::write_bytes(phys_to_virt(t) as *mut u8, 0, PAGE_SIZE as usize) };
+            table_write(table, i, t | flags::PRESENT | flags::WRITABLE | flags::USER);
+            self.tables.push(t);
+            created.push((table, i, t));
+            table = t;
+        }
+        Ok(table)
+    }
+}
+
+impl AddressSpace for DomainAddressSpace {
+    fn map(
+        &mut self,
+        va: u64,
+        frame: Mfn,
+        perms: PagePerms,
+        tables: &mut dyn FrameSource,
+    ) -> Result<(), MapError> {
+        if !va.is_multiple_of(PAGE_SIZE) || va >= DOMAIN_VA_END {
+            return Err(MapError::BadAddress);
+        }
+        let phys = frame.0.checked_mul(PAGE_SIZE).ok_or(MapError::BadAddress)?;
+        if phys >= DIRECT_MAP_LIMIT || phys & !ADDR_MASK != 0 {
+            return Err(MapError::BadAddress);
+        }
+        if self.translate(va).is_some() {
+            return Err(MapError::AlreadyMapped);
+        }
+        let l1 = self.l1_for(va, Some(tables))?;
+        table_write(l1, index(va, 1), phys | Self::leaf_flags(perms));
+        Ok(())
+    }
+
+    fn unmap(&mut self, va: u64) -> Option<Mfn> {
+        if va >= DOMAIN_VA_END {
+            return None;
+        }
+        let va = va & !(PAGE_SIZE - 1);
+        let l1 = self.l1_for(va, None).ok()?;
+        let i = index(va, 1);
+        let e = table_read(l1, i);
+        if e & flags::PRESENT == 0 {
+            return None;
+        }
+        table_write(l1, i, 0);
+        FLUSH_GEN.fetch_add(1, Ordering::AcqRel);
+        // SAFETY: invlpg only drops a TLB entry.
+        unsafe { core::arch::asm!("invlpg [{}]", in(reg) va, options(nostack, preserves_flags)) };
+        Some(Mfn((e & ADDR_MASK) >> 12))
+    }
+
+    fn translate(&self, va: u64) -> Option<(Mfn, PagePerms)> {
+        if va >= DOMAIN_VA_END {
+            return None;
+        }
+        let mut table = self.root;
+        for level in (1..=4).rev() {
+            let e = table_read(table, index(va, level));
+            if e & flags::PRESENT == 0 || (level > 1 && e & flags::HUGE != 0) {
+                return None;
+            }
+            if level == 1 {
+                let mut p = PagePerms::empty();
+                if e & flags::USER != 0 {
+                    p |= PagePerms::USER;
+                }
+                if e & flags::WRITABLE != 0 {
+                    p |= PagePerms::WRITE;
+                }
+                if e & flags::NO_EXECUTE == 0 {
+                    p |= PagePerms::EXEC;
+                }
+                return Some((Mfn((e & ADDR_MASK) >> 12), p));
+            }
+            table = e & ADDR_MASK;
+        }
+        None
+    }
+
+    fn root(&self) -> Mfn {
+        Mfn(self.root >> 12)
+    }
+
+    fn release(&mut self, tables: &mut dyn FrameSource) {
+        for t in core::mem::take(&mut self.tables) {
+            tables.free_frame(Mfn(t >> 12));
+        }
+        if self.root != 0 {
+            tables.free_frame(Mfn(self.root >> 12));
+            self.root = 0;
+        }
+    }
+}
+
+/// Makes domain address spaces: a fresh root with the hypervisor's upper half.
+#[derive(Debug, Default)]
+pub struct Factory;
+
+impl AddressSpaceFactory for Factory {
+    fn create(&mut self, tables: &mut dyn FrameSource) -> Result<Box<dyn AddressSpace>, MapError> {
+        let kernel = memory::kernel_cr3() & ADDR_MASK;
+        if kernel == 0 {
+            return Err(MapError::OutOfFrames);
+        }
+        let f = tables.alloc_frame().ok_or(MapError::OutOfFrames)?;
+        let root = f.0 << 12;
+        if root >= DIRECT_MAP_LIMIT {
+            tables.free_frame(f);
+            return Err(MapError::OutOfFrames);
+        }
+        // SAFETY: a fresh direct-mapped frame owned by the new address space.
+        unsafe { core::ptr::write_bytes(phys_to_virt(root) as *mut u8, 0, PAGE_SIZE as usize) };
+        for i in 256..512 {
+            table_write(root, i, table_read(kernel, i));
+        }
+        Ok(Box::new(DomainAddressSpace {
+            root,
+            tables: Vec::new(),
+        }))
+    }
+}
