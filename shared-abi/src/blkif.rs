@@ -107,10 +107,7 @@ impl LeField for DirectSegments {
     const LEN: usize = BLKIF_MAX_SEGMENTS_PER_REQUEST * BlkifRequestSegment::WIRE_SIZE;
     fn read_le(bytes: &[u8]) -> Option<Self> {
         let mut segs = [BlkifRequestSegment::default(); BLKIF_MAX_SEGMENTS_PER_REQUEST];
-        for (s, chunk) in segs
-            .iter_mut()
-            .zip(bytes.get(..Self::LEN)?.chunks_exact(8))
-        {
+        for (s, chunk) in segs.iter_mut().zip(bytes.get(..Self::LEN)?.chunks_exact(8)) {
             *s = BlkifRequestSegment::from_bytes(chunk)?;
         }
         Some(DirectSegments(segs))
@@ -295,7 +292,10 @@ pub enum BlkifRequestKind {
     Indirect(BlkifRequestIndirect),
     /// An operation this protocol does not define (or `RESERVED_1`); `id` sits at offset 8 in
     /// every variant, so it can still be answered.
-    Unknown { operation: u8, id: u64 },
+    Unknown {
+        operation: u8,
+        id: u64,
+    },
 }
 
 impl BlkifRequestKind {
