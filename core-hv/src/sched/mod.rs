@@ -592,7 +592,10 @@ impl Scheduler {
         let periods = i64::try_from(elapsed).unwrap_or(i64::MAX);
         for d in self.doms.values_mut() {
             if let Some(b) = cap_budget(&self.cfg, d.cap_percent) {
-                d.cap_balance = d.cap_balance.saturating_add(b.saturating_mul(periods)).min(b);
+                d.cap_balance = d
+                    .cap_balance
+                    .saturating_add(b.saturating_mul(periods))
+                    .min(b);
             }
         }
         for (id, w, n) in active {

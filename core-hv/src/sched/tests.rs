@@ -239,7 +239,11 @@ fn capped_domain_in_debt_is_parked_until_its_budget_is_positive() {
     for period in 1..=2u64 {
         let t = period * 30 * MS;
         s.tick(0, t);
-        assert_eq!(s.schedule(0, t).next, None, "still in debt in period {period}");
+        assert_eq!(
+            s.schedule(0, t).next,
+            None,
+            "still in debt in period {period}"
+        );
     }
     let t = 90 * MS;
     s.tick(0, t);

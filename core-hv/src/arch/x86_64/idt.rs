@@ -21,8 +21,10 @@ use super::{console, cpu, percpu};
 
 /// Local APIC timer.
 pub const TIMER_VECTOR: u8 = 0x20;
-/// Inter-processor "reschedule / flush" interrupt.
+/// Inter-processor "reschedule" interrupt.
 pub const KICK_VECTOR: u8 = 0x21;
+/// Inter-processor "TLB shootdown" interrupt (`pv::mmu`).
+pub const TLB_VECTOR: u8 = 0x22;
 /// The frame vector the `syscall` entry records (not an IDT vector).
 pub const SYSCALL_VECTOR: u64 = 0x100;
 /// Local APIC spurious-interrupt vector.
@@ -223,7 +225,7 @@ global_asm!(
         jnz bulkhead_sysret_path
         jmp bulkhead_iret_path
 
-    // Timer and kick interrupts take the common path.
+    // Timer, kick and TLB-shootdown interrupts take the common path.
     .global bulkhead_timer_stub
     bulkhead_timer_stub:
         push 0
@@ -234,6 +236,12 @@ global_asm!(
     bulkhead_kick_stub:
         push 0
         push {kick_vector}
+        jmp bulkhead_exc_common
+
+    .global bulkhead_tlb_stub
+    bulkhead_tlb_stub:
+        push 0
+        push {tlb_vector}
         jmp bulkhead_exc_common
 
     // Spurious APIC interrupts need no EOI.
@@ -257,12 +265,14 @@ global_asm!(
     syscall_vector = const SYSCALL_VECTOR,
     timer_vector = const TIMER_VECTOR as u64,
     kick_vector = const KICK_VECTOR as u64,
+    tlb_vector = const TLB_VECTOR as u64,
 );
 
 unsafe extern "C" {
     static bulkhead_exc_stub_table: [u64; 32];
     fn bulkhead_timer_stub();
     fn bulkhead_kick_stub();
+    fn bulkhead_tlb_stub();
     fn bulkhead_spurious_stub();
     /// The `syscall` entry point (for LSTAR).
     pub fn bulkhead_syscall_entry();
@@ -310,6 +320,7 @@ pub unsafe fn init(with_ist: bool) {
         }
         (*idt).0[TIMER_VECTOR as usize] = gate(bulkhead_timer_stub as *const () as u64, 0);
         (*idt).0[KICK_VECTOR as usize] = gate(bulkhead_kick_stub as *const () as u64, 0);
+        (*idt).0[TLB_VECTOR as usize] = gate(bulkhead_tlb_stub as *const () as u64, 0);
         (*idt).0[SPURIOUS_VECTOR as usize] = gate(bulkhead_spurious_stub as *const () as u64, 0);
         load();
     }

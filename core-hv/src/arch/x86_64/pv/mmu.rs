@@ -13,22 +13,168 @@
 //! [`DomainAddressSpace::map`] (the domain's reservation) and is recorded in `tables`, so
 //! [`AddressSpace::release`] gives back exactly what was taken. Only the hypervisor lock's
 //! holder edits an address space.
+//!
+//! # TLB shootdown
+//!
+//! Removing a translation is synchronous: [`AddressSpace::unmap`] returns only once no CPU
+//! can still reach the old frame through its TLB, so the caller may free the frame at once.
+//! The unmapping CPU clears the entry, invalidates it locally, then interrupts
+//! ([`idt::TLB_VECTOR`](super::super::idt::TLB_VECTOR)) every other CPU whose CR3 holds that
+//! address space, and spins until each has run `invlpg` and acknowledged. Only CPUs with the
+//! root loaded can hold its translations: nothing uses PCIDs and domain leaves are never
+//! global, so the CR3 write that leaves an address space drops all of them (and its
+//! paging-structure caches). Each CPU records its root in `LOADED_ROOT` ([`switch_root`]).
+//! CR3 changes and unmaps both happen under the hypervisor lock, so the record is exact
+//! whenever an unmapper reads it.
+//!
+//! Deadlock freedom: the unmapping CPU holds the hypervisor lock with interrupts off while it
+//! waits, so a target may be spinning for that lock with interrupts off too. Every such
+//! spin (`pv::lock_state`, [`shootdown`]'s own waits) serves pending requests
+//! ([`serve_shootdown`]) while it spins; a target in ring 3 takes the interrupt (halted CPUs
+//! have left every domain's tables and are never targets); anywhere else in the hypervisor
+//! it holds no lock the initiator needs and soon reaches one of those.
+//! A CPU that never answers (a hypervisor bug) is reported as fatal rather than waited on for
+//! ever, since freeing the frame would be unsafe.
+//!
+//! Lock order: hypervisor lock (and the per-domain locks nested in it) → `INITIATOR` (one
+//! request in flight at a time) → nothing. The initiator may hold locks nested inside the
+//! hypervisor lock while it waits (no CPU can want those without holding the hypervisor lock
+//! first), but never the frame-allocator, heap, page-table or console locks, which a target
+//! may need on its way to a serving point.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering, fence};
 
 use shared_abi::start_info::DOMAIN_VA_END;
+use spin::{Mutex, MutexGuard};
 
-use super::super::{DIRECT_MAP_LIMIT, memory, phys_to_virt};
+use super::super::{DIRECT_MAP_LIMIT, MAX_CPUS, apic, cpu, idt, memory, percpu, phys_to_virt};
 use crate::domain::memory::{
     AddressSpace, AddressSpaceFactory, FrameSource, MapError, Mfn, PAGE_SIZE, PagePerms, PhysMem,
 };
 use crate::mm::paging::{ADDR_MASK, flags};
 
-/// Bumped whenever a mapping is removed from a live address space: a CPU that sees a new
-/// value reloads CR3 before it returns to a domain (see `pv::resume`).
-pub static FLUSH_GEN: AtomicU64 = AtomicU64::new(0);
+/// Per CPU: the physical root its CR3 holds when that is a domain's (0 otherwise).
+static LOADED_ROOT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Per CPU: the last shootdown generation asked of it, and the last it completed.
+static REQUESTED: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+static DONE: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// The request in flight: root and page. Written only by the `INITIATOR` holder before it
+/// raises any `REQUESTED`, and left alone until every target acknowledged.
+static REQ_ROOT: AtomicU64 = AtomicU64::new(0);
+static REQ_VA: AtomicU64 = AtomicU64::new(0);
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+/// One shootdown in flight at a time.
+static INITIATOR: Mutex<()> = Mutex::new(());
+/// How long a target may take to acknowledge before the system is stopped (TSC-timed; a
+/// CPU of a loaded TCG host can be descheduled for a while, so generous).
+const SHOOTDOWN_TIMEOUT_MS: u64 = 5_000;
+
+/// Load `root` (physical; a domain's root or the hypervisor's own tables) into this CPU's
+/// CR3 and record it for [`shootdown`]. Call with interrupts off, under the hypervisor lock.
+pub fn switch_root(root: u64, is_domain: bool) {
+    let Some(slot) = LOADED_ROOT.get(percpu::current_index() as usize) else {
+        return;
+    };
+    let root = root & ADDR_MASK;
+    if is_domain {
+        slot.store(root, Ordering::SeqCst);
+    }
+    if cpu::cr3() & ADDR_MASK != root {
+        // SAFETY: every root this is given shares the hypervisor's upper half (domain roots
+        // copy it), so everything the hypervisor runs on stays mapped.
+        unsafe { x86::controlregs::cr3_write(root) };
+    }
+    if !is_domain {
+        slot.store(0, Ordering::SeqCst);
+    }
+}
+
+/// Serve this CPU's pending shootdown request, if any: drop the page's translation if the
+/// address space is loaded here, and acknowledge. Safe to call at any time in ring 0.
+pub fn serve_shootdown() {
+    let me = percpu::current_index() as usize;
+    let (Some(req), Some(done)) = (REQUESTED.get(me), DONE.get(me)) else {
+        return;
+    };
+    let want = req.load(Ordering::Acquire);
+    if done.load(Ordering::Acquire) >= want {
+        return;
+    }
+    let (root, va) = (
+        REQ_ROOT.load(Ordering::Acquire),
+        REQ_VA.load(Ordering::Acquire),
+    );
+    if cpu::cr3() & ADDR_MASK == root {
+        invlpg(va);
+    }
+    done.store(want, Ordering::Release);
+}
+
+fn invlpg(va: u64) {
+    // SAFETY: invlpg only drops TLB and paging-structure-cache entries.
+    unsafe { core::arch::asm!("invlpg [{}]", in(reg) va, options(nostack, preserves_flags)) };
+}
+
+/// Take `lock`, serving shootdown requests while it is held elsewhere (see the module doc).
+pub fn lock_serving<T>(lock: &Mutex<T>) -> MutexGuard<'_, T> {
+    loop {
+        if let Some(g) = lock.try_lock() {
+            return g;
+        }
+        serve_shootdown();
+        core::hint::spin_loop();
+    }
+}
+
+/// Make every CPU drop its translation of `va` in the address space rooted at `root`, and
+/// return only once they all have. The caller already changed the entry.
+fn shootdown(root: u64, va: u64) {
+    // The cleared entry is globally visible before any target is asked to drop it.
+    fence(Ordering::SeqCst);
+    let me = percpu::current_index() as usize;
+    if cpu::cr3() & ADDR_MASK == root {
+        invlpg(va);
+    }
+    let targets: u64 = (0..percpu::count().min(MAX_CPUS))
+        .filter(|&c| c != me && LOADED_ROOT[c].load(Ordering::SeqCst) == root)
+        .fold(0, |m, c| m | 1 << c);
+    if targets == 0 {
+        return;
+    }
+    let _one = lock_serving(&INITIATOR);
+    REQ_ROOT.store(root, Ordering::Release);
+    REQ_VA.store(va, Ordering::Release);
+    let generation = GENERATION.fetch_add(1, Ordering::AcqRel) + 1;
+    for c in (0..MAX_CPUS).filter(|c| targets & 1 << c != 0) {
+        REQUESTED[c].store(generation, Ordering::Release);
+        if let Some(pc) = percpu::get(c) {
+            apic::send_fixed(pc.apic_id, idt::TLB_VECTOR);
+        }
+    }
+    let start = cpu::rdtsc();
+    let limit = SHOOTDOWN_TIMEOUT_MS.saturating_mul(apic::tsc_khz().max(1));
+    let mut pending = targets;
+    while pending != 0 {
+        let waiting = pending;
+        for c in (0..MAX_CPUS).filter(|c| waiting & 1 << c != 0) {
+            if DONE[c].load(Ordering::Acquire) >= generation {
+                pending &= !(1 << c);
+            }
+        }
+        if pending == 0 {
+            break;
+        }
+        serve_shootdown();
+        if cpu::rdtsc().wrapping_sub(start) > limit {
+            super::super::boot::fatal(format_args!(
+                "TLB shootdown of {va:#x}: CPUs {pending:#x} did not acknowledge within {SHOOTDOWN_TIMEOUT_MS} ms"
+            ));
+        }
+        core::hint::spin_loop();
+    }
+}
 
 /// The global free-frame pool.
 #[derive(Debug, Default)]
@@ -139,9 +285,16 @@ impl DomainAddressSpace {
                 return Err(MapError::BadAddress);
             };
             let Some(f) = s.alloc_frame() else {
-                // Undo the tables made for this call so a refused map leaves nothing.
-                for (parent, pi, t) in created.into_iter().rev() {
+                // Undo the tables made for this call so a refused map leaves nothing. They
+                // were linked in, so another CPU running this address space may have cached
+                // them (paging-structure caches): shoot down before they are freed.
+                for &(parent, pi, _) in created.iter().rev() {
                     table_write(parent, pi, 0);
+                }
+                if !created.is_empty() {
+                    shootdown(self.root, va);
+                }
+                for (_, _, t) in created {
                     self.tables.retain(|&x| x != t);
                     s.free_frame(Mfn(t >> 12));
                 }
@@ -149,6 +302,7 @@ impl DomainAddressSpace {
             };
             let t = f.0 << 12;
             if t >= DIRECT_MAP_LIMIT {
+                // Never linked in, so no CPU can have cached it.
                 s.free_frame(f);
                 return Err(MapError::OutOfFrames);
             }
@@ -198,9 +352,8 @@ impl AddressSpace for DomainAddressSpace {
             return None;
         }
         table_write(l1, i, 0);
-        FLUSH_GEN.fetch_add(1, Ordering::AcqRel);
-        // SAFETY: invlpg only drops a TLB entry.
-        unsafe { core::arch::asm!("invlpg [{}]", in(reg) va, options(nostack, preserves_flags)) };
+        // Synchronous: once this returns the caller may free the frame.
+        shootdown(self.root, va);
         Some(Mfn((e & ADDR_MASK) >> 12))
     }
 

@@ -18,8 +18,10 @@
 //! touched through the domain module's checked accessor, which translates through the
 //! domain's own tables and copies through the direct map: it cannot fault and SMAP stays on.
 //!
-//! Lock order: [`STATE`] → frame allocator → console. [`STATE`] is only taken with
-//! interrupts off.
+//! Lock order: [`STATE`] → shootdown initiator (`mmu`) → frame allocator → console.
+//! [`STATE`] is only taken with interrupts off, and always through [`lock_state`], which
+//! serves TLB shootdown requests while it spins: the holder may be waiting for this CPU's
+//! acknowledgement (see `mmu`).
 
 pub mod fpu;
 pub mod mmu;
@@ -34,7 +36,7 @@ use shared_abi::manifest::parse_image;
 use spin::{Mutex, MutexGuard};
 
 use super::gdt::{USER_CS, USER_DS};
-use super::idt::{self, ExceptionFrame, KICK_VECTOR, SYSCALL_VECTOR, TIMER_VECTOR};
+use super::idt::{self, ExceptionFrame, KICK_VECTOR, SYSCALL_VECTOR, TIMER_VECTOR, TLB_VECTOR};
 use super::{apic, console, cpu, memory, percpu};
 use crate::domain::builder::DomainConfig;
 use crate::domain::console::ConsoleSink;
@@ -74,8 +76,6 @@ struct State {
     ctx: BTreeMap<usize, VcpuCtx>,
     /// Per CPU: the vCPU whose registers are live on it.
     cur: Vec<Option<Running>>,
-    /// Per CPU: the last `mmu::FLUSH_GEN` it acted on.
-    flush_seen: Vec<u64>,
     /// Domains whose exit was reported.
     reported: BTreeSet<DomId>,
     exit_when_done: bool,
@@ -86,6 +86,12 @@ struct State {
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+/// Take [`STATE`] (interrupts off), serving TLB shootdowns while another CPU holds it.
+fn lock_state() -> MutexGuard<'static, Option<State>> {
+    mmu::lock_serving(&STATE)
+}
+
 /// Set once [`STATE`] exists: APs leave their boot idle loop for [`cpu_loop`].
 static STARTED: AtomicBool = AtomicBool::new(false);
 /// TSC at hypervisor time 0.
@@ -200,11 +206,10 @@ pub fn boot_domains(module: &[u8], nr_cpus: usize, exit_when_done: bool) -> usiz
         }
     }
     let kicks = hv.take_kicks();
-    *STATE.lock() = Some(State {
+    *lock_state() = Some(State {
         hv,
         ctx: BTreeMap::new(),
         cur: alloc::vec![None; nr_cpus.max(1)],
-        flush_seen: alloc::vec![0; nr_cpus.max(1)],
         reported: BTreeSet::new(),
         exit_when_done,
         build_failures: failures,
@@ -242,7 +247,7 @@ pub fn cpu_loop() -> ! {
     apic::arm_ns(MAX_TICK_NS);
     let mut f = ExceptionFrame::zeroed();
     let cpu_ix = percpu::current_index() as usize;
-    let g = STATE.lock();
+    let g = lock_state();
     resume(g, &mut f, cpu_ix);
     finish_user_frame(&mut f);
     // SAFETY: `f` now holds a ring-3 frame of a domain vCPU whose address space is loaded;
@@ -264,6 +269,12 @@ pub fn cpu_loop() -> ! {
 pub extern "C" fn trap_entry(f: &mut ExceptionFrame) -> u64 {
     let from_user = f.cs & 3 == 3;
     let vector = f.vector;
+    if vector == TLB_VECTOR as u64 {
+        // Needs no lock: the initiator holds STATE and waits for this.
+        mmu::serve_shootdown();
+        apic::eoi();
+        return if from_user { finish_user_frame(f) } else { 0 };
+    }
     if !from_user {
         match vector {
             v if v == TIMER_VECTOR as u64 => {
@@ -283,7 +294,7 @@ pub extern "C" fn trap_entry(f: &mut ExceptionFrame) -> u64 {
         idt::exception_report(f);
     }
     let cpu_ix = percpu::current_index() as usize;
-    let mut g = STATE.lock();
+    let mut g = lock_state();
     let Some(st) = g.as_mut() else {
         idt::exception_report(f)
     };
@@ -322,7 +333,6 @@ pub extern "C" fn trap_entry(f: &mut ExceptionFrame) -> u64 {
     if resched {
         resume(g, f, cpu_ix);
     } else {
-        check_flush(st, cpu_ix);
         if vector == TIMER_VECTOR as u64 {
             arm_timer(st, cpu_ix);
         }
@@ -385,19 +395,6 @@ fn report_exits(st: &mut State) {
     }
 }
 
-/// Reload CR3 if a mapping was removed since this CPU last looked (TLB shootdown, lazily at
-/// the next return to a domain).
-fn check_flush(st: &mut State, cpu_ix: usize) {
-    let gen_now = mmu::FLUSH_GEN.load(Ordering::Acquire);
-    if let Some(seen) = st.flush_seen.get_mut(cpu_ix)
-        && *seen != gen_now
-    {
-        *seen = gen_now;
-        // SAFETY: reloading the current CR3 only flushes non-global TLB entries.
-        unsafe { x86::controlregs::cr3_write(cpu::cr3()) };
-    }
-}
-
 /// Save the live vCPU (if its domain still lives) out of `f` and the FPU.
 fn park_current(st: &mut State, cpu_ix: usize, f: &ExceptionFrame) {
     let Some(r) = st.cur.get_mut(cpu_ix).and_then(Option::take) else {
@@ -451,24 +448,13 @@ fn load_vcpu(st: &mut State, cpu_ix: usize, f: &mut ExceptionFrame, v: VcpuId) -
     };
     *f = c.frame.clone();
     c.fpu.restore();
-    let phys = root.0 << 12;
-    if cpu::cr3() & mmu_addr_mask() != phys {
-        // SAFETY: the root shares the hypervisor's upper half, so everything the hypervisor
-        // runs on stays mapped; the lower half is the domain's.
-        unsafe { x86::controlregs::cr3_write(phys) };
-    }
-    if let Some(s) = st.flush_seen.get_mut(cpu_ix) {
-        *s = mmu::FLUSH_GEN.load(Ordering::Acquire);
-    }
+    // The root shares the hypervisor's upper half; the lower half is the domain's.
+    mmu::switch_root(root.0 << 12, true);
     with_platform(|p| st.hv.address_space_loaded(p, cpu_ix, Some(dom)));
     if let Some(slot) = st.cur.get_mut(cpu_ix) {
         *slot = Some(Running { vcpu: v, dom });
     }
     true
-}
-
-fn mmu_addr_mask() -> u64 {
-    crate::mm::paging::ADDR_MASK
 }
 
 /// Ask the scheduler what this CPU runs next and make `f` that vCPU's frame; halt (lock
@@ -487,7 +473,6 @@ fn resume(mut g: MutexGuard<'_, Option<State>>, f: &mut ExceptionFrame, cpu_ix: 
                     r.vcpu == v && st.hv.sched.owner(v).map(|o| o.0) == Some(r.dom)
                 }) =>
             {
-                check_flush(st, cpu_ix);
                 arm_timer(st, cpu_ix);
                 return;
             }
@@ -514,7 +499,7 @@ fn resume(mut g: MutexGuard<'_, Option<State>>, f: &mut ExceptionFrame, cpu_ix: 
                 cpu::enable_interrupts();
                 cpu::halt();
                 cpu::disable_interrupts();
-                g = STATE.lock();
+                g = lock_state();
             }
         }
     }
@@ -523,11 +508,7 @@ fn resume(mut g: MutexGuard<'_, Option<State>>, f: &mut ExceptionFrame, cpu_ix: 
 /// No vCPU on this CPU: the hypervisor's own tables, and tell the domain code (which frees
 /// dying domains no CPU holds any more).
 fn go_idle(st: &mut State, cpu_ix: usize) {
-    let k = memory::kernel_cr3();
-    if cpu::cr3() != k {
-        // SAFETY: the hypervisor's own tables map everything the hypervisor uses.
-        unsafe { x86::controlregs::cr3_write(k) };
-    }
+    mmu::switch_root(memory::kernel_cr3(), false);
     with_platform(|p| st.hv.address_space_loaded(p, cpu_ix, None));
 }
 
@@ -550,11 +531,10 @@ fn idle_tick() {
         return;
     }
     let cpu_ix = percpu::current_index() as usize;
-    // The lock is never held with interrupts on, so this cannot be our own CPU holding it;
-    // another CPU may, and then its tick does the work.
-    let Some(mut g) = STATE.try_lock() else {
-        return;
-    };
+    // The lock is never held with interrupts on, so this cannot be our own CPU holding it.
+    // Wait for it rather than skip: only this tick re-arms this CPU's one-shot timer, and
+    // a skipped one leaves the CPU halted while timers of vCPUs homed here fall due.
+    let mut g = lock_state();
     if let Some(st) = g.as_mut() {
         let r = with_platform(|p| st.hv.timer_tick(p, cpu_ix));
         send_kicks(r.kicks, cpu_ix);
