@@ -3,11 +3,10 @@
 
 use blkback_dom::device::{RamDisk, SyncIo};
 use blkback_dom::engine::Vbd;
-use blkback_dom::xenbus::{
-    Action, BackendOffer, BlkbackXenbus, MemStore, XenbusError, XenbusState, legal,
-};
+use blkback_dom::xenbus::{Action, BackendOffer, BlkbackXenbus};
 use shared_abi::PAGE_SIZE;
 use shared_abi::ring::SharedRingMem;
+use shared_abi::xenbus::{MemStore, XenbusError, XenbusState, legal_backend_transition};
 
 const BE: &str = "/local/domain/0/backend/vbd/7/51712";
 const FE: &str = "/local/domain/7/device/vbd/51712";
@@ -349,11 +348,11 @@ fn connected_without_a_connect_is_illegal() {
 #[test]
 fn transition_table_allows_only_the_protocol() {
     use XenbusState::*;
-    assert!(legal(Initialising, InitWait));
-    assert!(legal(InitWait, Connected));
-    assert!(legal(Closed, InitWait));
-    assert!(!legal(Initialising, Connected));
-    assert!(!legal(Closed, Connected));
-    assert!(!legal(Connected, InitWait));
-    assert!(!legal(Closing, Connected));
+    assert!(legal_backend_transition(Initialising, InitWait));
+    assert!(legal_backend_transition(InitWait, Connected));
+    assert!(legal_backend_transition(Closed, InitWait));
+    assert!(!legal_backend_transition(Initialising, Connected));
+    assert!(!legal_backend_transition(Closed, Connected));
+    assert!(!legal_backend_transition(Connected, InitWait));
+    assert!(!legal_backend_transition(Closing, Connected));
 }

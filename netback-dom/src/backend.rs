@@ -28,7 +28,6 @@
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::ops::Range;
-use core::sync::atomic::{Ordering, fence};
 
 use shared_abi::DomId;
 use shared_abi::PAGE_SIZE;
@@ -41,7 +40,7 @@ use shared_abi::netif::{
     XEN_NETIF_EXTRA_FLAG_MORE, XEN_NETIF_MAX_TX_SIZE, XEN_NETIF_NR_SLOTS_MIN, extra_type, gso_type,
     netrxf, nettxf, rsp,
 };
-use shared_abi::ring::{BackRing, RingError, SharedRingMem, header as ring_header};
+use shared_abi::ring::{BackRing, RingError, SharedRingMem};
 
 use crate::grant::{GrantCopier, PagePool, PoolError};
 use crate::packet::{Checksum, ETH_HLEN, Gso, GsoKind, MacAddr, Offload, Packet, flow_hash};
@@ -330,8 +329,6 @@ pub struct Queue {
     frags: Vec<NetifTxRequest>,
     rx_ids: Vec<u16>,
     rx_batch: Vec<RxPending>,
-    /// Rx requests consumed so far (mirrors the ring's private `req_cons`).
-    rx_consumed: u32,
 }
 
 impl core::fmt::Debug for Queue {
@@ -390,7 +387,6 @@ impl Queue {
             frags: Vec::new(),
             rx_ids: Vec::new(),
             rx_batch: Vec::new(),
-            rx_consumed: 0,
         })
     }
 
@@ -948,16 +944,12 @@ impl Queue {
                 avail = self.rx.unconsumed_requests().map_err(Self::rx_ring_err)?;
                 if (avail as usize) < needed {
                     // Ask to be told once enough buffers are posted (req_event = req_cons +
-                    // needed, as Linux netback), then look once more: a post racing with the
-                    // arming is either seen here or notified. The ring's own final check
-                    // arms only when nothing at all is pending, so the word is set here.
-                    let want = self.rx_consumed.wrapping_add(needed as u32);
-                    self.rx
-                        .mem()
-                        .write_u32(ring_header::REQ_EVENT, want)
-                        .ok_or(Disconnect::Internal("rx ring header out of the region"))?;
-                    fence(Ordering::SeqCst);
-                    avail = self.rx.unconsumed_requests().map_err(Self::rx_ring_err)?;
+                    // needed, as Linux netback); the ring looks once more after arming, so a
+                    // post racing with the arming is either counted here or notified.
+                    avail = self
+                        .rx
+                        .arm_request_event(needed as u32)
+                        .map_err(Self::rx_ring_err)?;
                     if (avail as usize) < needed {
                         summary.stalled = true;
                         break;
@@ -1000,7 +992,6 @@ impl Queue {
                 Err(e) => return Err(Self::rx_ring_err(e)),
             };
             *avail -= 1;
-            self.rx_consumed = self.rx_consumed.wrapping_add(1);
             self.stats.rx_slots += 1;
             self.rx_ids.push(req.id);
             if has_extra && j == 1 {

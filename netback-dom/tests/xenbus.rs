@@ -2,10 +2,8 @@
 #![allow(clippy::unwrap_used)]
 
 use netback_dom::packet::MacAddr;
-use netback_dom::xenbus::{
-    Action, BackendFeatures, EventChannels, MemStore, NetbackXenbus, Store, XenbusError,
-    XenbusState, legal,
-};
+use netback_dom::xenbus::{Action, BackendFeatures, EventChannels, NetbackXenbus};
+use shared_abi::xenbus::{MemStore, Store, XenbusError, XenbusState, legal_backend_transition};
 
 const BE: &str = "/local/domain/1/backend/vif/5/0";
 const FE: &str = "/local/domain/5/device/vif/0";
@@ -343,14 +341,14 @@ fn connecting_from_a_closed_device_is_an_illegal_transition() {
 #[test]
 fn transition_table_matches_the_protocol() {
     use XenbusState::*;
-    assert!(legal(Initialising, InitWait));
-    assert!(legal(InitWait, Connected));
-    assert!(legal(Connected, Closing));
-    assert!(legal(Closing, Closed));
-    assert!(legal(Closed, InitWait));
-    assert!(!legal(Closed, Connected));
-    assert!(!legal(Connected, InitWait));
-    assert!(!legal(Initialising, Connected));
+    assert!(legal_backend_transition(Initialising, InitWait));
+    assert!(legal_backend_transition(InitWait, Connected));
+    assert!(legal_backend_transition(Connected, Closing));
+    assert!(legal_backend_transition(Closing, Closed));
+    assert!(legal_backend_transition(Closed, InitWait));
+    assert!(!legal_backend_transition(Closed, Connected));
+    assert!(!legal_backend_transition(Connected, InitWait));
+    assert!(!legal_backend_transition(Initialising, Connected));
     for n in 0..=8 {
         assert_eq!(XenbusState::from_number(n).unwrap().as_str(), n.to_string());
     }

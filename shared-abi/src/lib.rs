@@ -23,9 +23,11 @@ pub mod hypercall;
 pub mod hypercall_args;
 pub mod manifest;
 pub mod netif;
+pub mod pci;
 pub mod ring;
 pub mod shared_info;
 pub mod start_info;
+pub mod xenbus;
 pub mod xenstore;
 
 /// Xen domain id (`domid_t`).

@@ -436,6 +436,11 @@ impl<Req: RingEntry, Rsp: RingEntry> BackRing<Req, Rsp> {
         self.req_cons.wrapping_sub(self.rsp_prod_pvt)
     }
 
+    /// Requests consumed so far: the private, free-running `req_cons`.
+    pub fn req_cons(&self) -> u32 {
+        self.req_cons
+    }
+
     /// Read the frontend's request producer once and validate it; returns how many requests
     /// are ready to consume. A producer more than `nr_ents` ahead of our responses, or behind
     /// what we already consumed, is bogus (`RING_REQUEST_PROD_OVERFLOW`).
@@ -489,11 +494,29 @@ impl<Req: RingEntry, Rsp: RingEntry> BackRing<Req, Rsp> {
         if self.unconsumed_requests()? > 0 {
             return Ok(true);
         }
+        Ok(self.arm_request_event(1)? > 0)
+    }
+
+    /// Ask to be notified once `ahead` requests beyond those consumed are posted (a batching
+    /// consumer, e.g. netback waiting for enough rx buffers for one packet): set
+    /// `req_event = req_cons + ahead`, full fence, then read `req_prod` again and return how
+    /// many requests are ready, validated as [`unconsumed_requests`](Self::unconsumed_requests)
+    /// does. If that is already `>= ahead` the caller must go on working rather than wait: the
+    /// frontend may have posted them before it could see the new event index, and then it
+    /// does not notify.
+    ///
+    /// `ahead` is clamped to `1..=nr_ents`: 0 would name an index already passed, and more
+    /// than a ring's worth can never be outstanding, so either would leave the caller waiting
+    /// for a notification that never comes.
+    pub fn arm_request_event(&mut self, ahead: u32) -> Result<u32, RingError> {
+        let ahead = ahead.clamp(1, self.geo.nr_ents);
         self.mem
             .word(REQ_EVENT_W)
-            .store(self.req_cons.wrapping_add(1), Ordering::Relaxed);
+            .store(self.req_cons.wrapping_add(ahead), Ordering::Relaxed);
+        // The event index must be visible before we look at the producer again, or the
+        // frontend's push-and-check and this re-check can both miss (lost wake-up).
         fence(Ordering::SeqCst);
-        Ok(self.unconsumed_requests()? > 0)
+        self.unconsumed_requests()
     }
 }
 
@@ -915,12 +938,12 @@ mod tests {
         front.push_request(&Words([4])).unwrap();
     }
 
-    #[test]
-    fn indices_wrap_around_u32() {
-        let mem = SharedRingMem::new_owned(64 + 4 * 4).unwrap();
-        let (mut front, mut back) = pair::<Small, Small>(mem);
-        // Start both ends just below the wrap point, as after 2^32 - 2 requests.
-        let start = u32::MAX - 1;
+    /// Put both ends of an idle ring at index `start` (as after `start` requests answered).
+    fn start_at(
+        front: &mut FrontRing<Small, Small>,
+        back: &mut BackRing<Small, Small>,
+        start: u32,
+    ) {
         front.req_prod_pvt = start;
         front.req_prod_published = start;
         front.rsp_cons = start;
@@ -931,6 +954,15 @@ mod tests {
         back.rsp_prod_published = start;
         front.mem().write_u32(header::REQ_PROD, start).unwrap();
         front.mem().write_u32(header::RSP_PROD, start).unwrap();
+    }
+
+    #[test]
+    fn indices_wrap_around_u32() {
+        let mem = SharedRingMem::new_owned(64 + 4 * 4).unwrap();
+        let (mut front, mut back) = pair::<Small, Small>(mem);
+        // Start both ends just below the wrap point, as after 2^32 - 2 requests.
+        let start = u32::MAX - 1;
+        start_at(&mut front, &mut back, start);
         for i in 0..10u32 {
             front.push_request(&Words([i])).unwrap();
             front.push_requests_and_check_notify();
@@ -971,6 +1003,75 @@ mod tests {
         back.get_request().unwrap();
         assert!(!back.final_check_for_requests().unwrap());
         assert_eq!(mem.read_u32(header::REQ_EVENT), Some(2));
+    }
+
+    #[test]
+    fn arm_request_event_sets_event_ahead_of_consumer_and_notifies_on_crossing() {
+        let mem = page();
+        let (mut front, mut back) = pair::<Small, Small>(mem.clone());
+        for i in 0..3 {
+            front.push_request(&Words([i])).unwrap();
+        }
+        front.push_requests_and_check_notify();
+        while back.get_request().unwrap().is_some() {}
+        assert_eq!(back.req_cons(), 3);
+
+        assert_eq!(back.arm_request_event(4).unwrap(), 0);
+
+        assert_eq!(mem.read_u32(header::REQ_EVENT), Some(7));
+        // Three more posts stay below the event index: no notification.
+        for i in 0..3 {
+            front.push_request(&Words([i])).unwrap();
+            assert!(!front.push_requests_and_check_notify(), "post {i}");
+        }
+        // The fourth reaches req_cons + 4.
+        front.push_request(&Words([3])).unwrap();
+        assert!(front.push_requests_and_check_notify());
+    }
+
+    #[test]
+    fn arm_request_event_reports_requests_posted_before_arming() {
+        let mem = page();
+        let (mut front, mut back) = pair::<Small, Small>(mem.clone());
+        front.push_request(&Words([1])).unwrap();
+        front.push_request(&Words([2])).unwrap();
+        front.push_requests_and_check_notify();
+
+        // Two are ready, three wanted: not enough yet, but the caller learns what is there.
+        assert_eq!(back.arm_request_event(3).unwrap(), 2);
+        assert_eq!(mem.read_u32(header::REQ_EVENT), Some(3));
+        // Already enough: the caller keeps working.
+        assert_eq!(back.arm_request_event(2).unwrap(), 2);
+        assert_eq!(back.get_request().unwrap(), Some(Words([1])));
+    }
+
+    #[test]
+    fn arm_request_event_clamps_ahead_to_one_ring() {
+        let mem = SharedRingMem::new_owned(64 + 4 * 4).unwrap();
+        let (mut front, mut back) = pair::<Small, Small>(mem.clone());
+        front.push_request(&Words([1])).unwrap();
+        front.push_requests_and_check_notify();
+        back.get_request().unwrap().unwrap();
+
+        back.arm_request_event(0).unwrap();
+        assert_eq!(mem.read_u32(header::REQ_EVENT), Some(2));
+        back.arm_request_event(u32::MAX).unwrap();
+        assert_eq!(mem.read_u32(header::REQ_EVENT), Some(1 + back.nr_ents()));
+    }
+
+    #[test]
+    fn arm_request_event_refuses_a_bogus_producer_and_wraps_with_req_cons() {
+        let mem = page();
+        let (mut front, mut back) = pair::<Small, Small>(mem.clone());
+        let start = u32::MAX - 1;
+        start_at(&mut front, &mut back, start);
+
+        assert_eq!(back.arm_request_event(5).unwrap(), 0);
+
+        assert_eq!(mem.read_u32(header::REQ_EVENT), Some(3));
+        mem.write_u32(header::REQ_PROD, start.wrapping_sub(1))
+            .unwrap();
+        assert!(back.arm_request_event(5).unwrap_err().is_peer_fault());
     }
 
     #[test]
@@ -1104,5 +1205,65 @@ mod tests {
         assert_eq!(Sample::from_bytes(&bytes), Some(v));
         assert_eq!(Sample::from_bytes(&bytes[..23]), None);
         assert_eq!(Sample::from_bytes(&[0u8; 25]), None);
+    }
+}
+
+/// `loom` model of arming `req_event` several requests ahead (run with `--cfg loom`, see
+/// `tests/loom_ring.rs` for the command): the backend wants two requests, the frontend posts
+/// them one publish at a time. Whatever the interleaving, a backend that goes to sleep after
+/// arming is notified by the publish that completes the pair.
+#[cfg(all(test, loom))]
+#[allow(clippy::unwrap_used)] // test code; clippy only recognises a plain cfg(test)
+mod loom_tests {
+    use super::*;
+    use loom::sync::Arc;
+    use loom::sync::atomic::AtomicBool;
+    use loom::thread;
+
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    #[repr(C)]
+    struct Item(u32);
+
+    impl RingEntry for Item {
+        fn encode(&self, out: &mut [u8]) {
+            out.copy_from_slice(&self.0.to_le_bytes());
+        }
+        fn decode(bytes: &[u8]) -> Self {
+            Item(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+        }
+    }
+
+    #[test]
+    fn loom_arm_request_event_two_ahead_no_lost_wakeup() {
+        loom::model(|| {
+            let mem = SharedRingMem::new_owned(HEADER_BYTES + 4 * 4).unwrap();
+            let mut front = FrontRing::<Item, Item>::new(mem.clone()).unwrap();
+            let mut back = BackRing::<Item, Item>::new(mem).unwrap();
+            // Move past the initial req_event = 1, which would make the first publish notify
+            // whatever the backend armed.
+            front.push_request(&Item(9)).unwrap();
+            front.push_requests_and_check_notify();
+            assert_eq!(back.get_request().unwrap(), Some(Item(9)));
+            let notified = Arc::new(AtomicBool::new(false));
+            let n2 = notified.clone();
+            let producer = thread::spawn(move || {
+                for i in 0..2 {
+                    front.push_request(&Item(i)).unwrap();
+                    if front.push_requests_and_check_notify() {
+                        n2.store(true, Ordering::Release);
+                    }
+                }
+            });
+            let ready = back.arm_request_event(2).unwrap();
+            producer.join().unwrap();
+            if ready < 2 {
+                assert!(
+                    notified.load(Ordering::Acquire),
+                    "backend waited for two requests but was never notified"
+                );
+            }
+            assert_eq!(back.get_request().unwrap(), Some(Item(0)));
+            assert_eq!(back.get_request().unwrap(), Some(Item(1)));
+        });
     }
 }

@@ -1,10 +1,12 @@
 //! Property tests of the shared ring against a model queue, single-threaded: random
-//! interleavings of produce / publish / consume / respond / final-check on both sides.
+//! interleavings of produce / publish / consume / respond / final-check on both sides, and
+//! the backend arming `req_event` several requests ahead (`arm_request_event`).
 //!
 //! Checked after every step: no request or response is lost, duplicated or reordered; the
 //! notify decision equals the model's (peer's armed event index in the published window);
 //! and, the property notification avoidance must keep, a side that went to sleep after its
-//! final check is always notified by the next publish that passes its event index.
+//! final check is always notified by the next publish that passes its event index, and a
+//! backend waiting for `n` requests is notified by the publish that makes `n` ready.
 //! A second property plays a hostile peer scribbling the shared header: the ring never panics
 //! and never hands out more than a ring's worth of requests.
 #![cfg(not(loom))]
@@ -39,6 +41,8 @@ enum Step {
     BackRespond(u8),
     BackPublish,
     BackFinalCheck,
+    /// The backend wants this many requests (0 and more than a ring exercise the clamp).
+    BackArm(u8),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -51,6 +55,7 @@ fn step() -> impl Strategy<Value = Step> {
         (1u8..6).prop_map(Step::BackRespond),
         Just(Step::BackPublish),
         Just(Step::BackFinalCheck),
+        (0u8..10).prop_map(Step::BackArm),
     ]
 }
 
@@ -76,6 +81,8 @@ struct Model {
     rsp_event: u32,
     back_sleeping: bool,
     front_sleeping: bool,
+    /// The backend armed for this many ready requests and is waiting for them.
+    back_waiting_for: Option<usize>,
 }
 
 fn in_window(event: u32, old: u32, new: u32) -> bool {
@@ -117,6 +124,7 @@ fn run(nr_slots: usize, steps: &[Step]) -> Result<(), TestCaseError> {
             Step::FrontPublish => {
                 let old = m.req_prod;
                 let new = old.wrapping_add(m.req_private.len() as u32);
+                let ready_before = m.req_published.len();
                 m.req_published.extend(m.req_private.drain(..));
                 m.req_prod = new;
                 let notify = front.push_requests_and_check_notify();
@@ -127,11 +135,24 @@ fn run(nr_slots: usize, steps: &[Step]) -> Result<(), TestCaseError> {
                         "back slept with req_event armed and was not notified"
                     );
                 }
+                if let Some(want) = m.back_waiting_for
+                    && ready_before < want
+                    && m.req_published.len() >= want
+                {
+                    prop_assert!(
+                        notify,
+                        "back waited for {} requests and was not notified",
+                        want
+                    );
+                }
                 if notify {
                     m.back_sleeping = false;
+                    m.back_waiting_for = None;
                 }
             }
             Step::BackConsume(n) => {
+                // Consuming means the backend is awake: it no longer waits for a count.
+                m.back_waiting_for = None;
                 for _ in 0..n {
                     let got = back.get_request().unwrap();
                     prop_assert_eq!(got.map(|i| i.0), m.req_published.pop_front());
@@ -182,10 +203,20 @@ fn run(nr_slots: usize, steps: &[Step]) -> Result<(), TestCaseError> {
             Step::BackFinalCheck => {
                 let work = back.final_check_for_requests().unwrap();
                 prop_assert_eq!(work, !m.req_published.is_empty());
+                m.back_waiting_for = None;
                 if !work {
                     m.req_event = m.req_cons.wrapping_add(1);
                     m.back_sleeping = true;
                 }
+            }
+            Step::BackArm(n) => {
+                let ahead = u32::from(n).clamp(1, nr);
+                let ready = back.arm_request_event(u32::from(n)).unwrap();
+                prop_assert_eq!(back.req_cons(), m.req_cons);
+                prop_assert_eq!(ready as usize, m.req_published.len());
+                m.req_event = m.req_cons.wrapping_add(ahead);
+                m.back_sleeping = false;
+                m.back_waiting_for = ((ready) < ahead).then_some(ahead as usize);
             }
             Step::FrontFinalCheck => {
                 let work = front.final_check_for_responses().unwrap();
@@ -227,7 +258,7 @@ proptest! {
 
     #[test]
     fn ring_hostile_header_never_panics_or_overdelivers(
-        writes in prop::collection::vec((0usize..16, any::<u32>(), 0u8..8), 1..60),
+        writes in prop::collection::vec((0usize..16, any::<u32>(), 0u8..9), 1..60),
     ) {
         let mem = SharedRingMem::new_owned(64 + 8 * 4).unwrap();
         let mut front = FrontRing::<Id, Id>::new(mem.clone()).unwrap();
@@ -252,7 +283,8 @@ proptest! {
                     }
                 }
                 6 => { let _ = back.push_responses_and_check_notify(); }
-                _ => { let _ = back.final_check_for_requests(); }
+                7 => { let _ = back.final_check_for_requests(); }
+                _ => { let _ = back.arm_request_event(value); }
             }
             // The backend never holds more unanswered requests than the ring has slots.
             prop_assert!(taken_unanswered <= nr);
