@@ -102,9 +102,74 @@ pub fn console_read(_caller: Caller) -> Result<(), XenError> {
     Err(XenError::EPERM)
 }
 
+/// Bulkhead's rules for event channels and grants (the `xsm_evtchn_*` / `xsm_grant_*` hooks
+/// of [`crate::evtchn`] and [`crate::gnttab`]), given a way to look a domain's capabilities up.
+///
+/// - Event channels: any domain may offer a port to any other and bind a port offered to it
+///   (the offer is the consent; binding a port offered to someone else is `EINVAL` in the
+///   ops) and send over channels it holds. VIRQs: `VIRQ_TIMER` and `VIRQ_DEBUG` for anyone,
+///   `VIRQ_DOM_EXC` only with `DOMAIN_DEATH_EVENTS`, `VIRQ_CONSOLE` only with
+///   `CONSOLE_SERVICE`; every other (global, hypervisor-wide) VIRQ for nobody (`EPERM`).
+/// - Grants: mapping needs `GRANT_MAP`; copying needs nothing beyond the grant itself.
+#[derive(Clone, Copy, Debug)]
+pub struct SharingPolicy<F> {
+    pub caps: F,
+}
+
+impl<F: Fn(DomId) -> Capabilities> crate::evtchn::EvtchnPolicy for SharingPolicy<F> {
+    fn may_alloc_unbound(&self, _dom: DomId, _remote: DomId) -> bool {
+        true
+    }
+    fn may_bind_interdomain(&self, _local: DomId, _remote: DomId) -> bool {
+        true
+    }
+    fn may_send(&self, _from: DomId, _to: DomId) -> bool {
+        true
+    }
+    fn may_bind_virq(&self, dom: DomId, virq: u32) -> bool {
+        use shared_abi::event_channel::virq as v;
+        match virq {
+            v::TIMER | v::DEBUG => true,
+            v::DOM_EXC => (self.caps)(dom).contains(Capabilities::DOMAIN_DEATH_EVENTS),
+            v::CONSOLE => (self.caps)(dom).contains(Capabilities::CONSOLE_SERVICE),
+            _ => false,
+        }
+    }
+}
+
+impl<F: Fn(DomId) -> Capabilities> crate::gnttab::GrantPolicy for SharingPolicy<F> {
+    fn may_map(&self, mapper: DomId, granter: DomId) -> bool {
+        crate::gnttab::CapabilityPolicy { caps: &self.caps }.may_map(mapper, granter)
+    }
+    fn may_copy(&self, caller: DomId, granter: DomId) -> bool {
+        crate::gnttab::CapabilityPolicy { caps: &self.caps }.may_copy(caller, granter)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::evtchn::EvtchnPolicy;
+    use crate::gnttab::GrantPolicy;
+    use shared_abi::event_channel::virq;
+
+    #[test]
+    fn sharing_policy_gates_virqs_and_maps_by_capability() {
+        let p = SharingPolicy {
+            caps: |d: DomId| match d {
+                1 => Capabilities::DOMAIN_DEATH_EVENTS | Capabilities::GRANT_MAP,
+                2 => Capabilities::CONSOLE_SERVICE,
+                _ => Capabilities::empty(),
+            },
+        };
+        assert!(p.may_bind_virq(3, virq::TIMER) && p.may_bind_virq(3, virq::DEBUG));
+        assert!(p.may_bind_virq(1, virq::DOM_EXC) && !p.may_bind_virq(2, virq::DOM_EXC));
+        assert!(p.may_bind_virq(2, virq::CONSOLE) && !p.may_bind_virq(1, virq::CONSOLE));
+        assert!(!p.may_bind_virq(1, virq::TBUF) && !p.may_bind_virq(1, virq::PCPU_STATE));
+        assert!(p.may_map(1, 3) && !p.may_map(2, 1) && !p.may_map(3, 1));
+        assert!(p.may_copy(3, 1));
+        assert!(p.may_alloc_unbound(3, 1) && p.may_bind_interdomain(1, 3) && p.may_send(3, 1));
+    }
 
     fn caller(caps: Capabilities) -> Caller {
         Caller { domid: 3, caps }

@@ -3,6 +3,14 @@
 //!
 //! Pending ports are taken from `shared_info.evtchn_pending` with an atomic swap per word, so
 //! a port that fires again while its handler runs is seen on the next round, never lost.
+//!
+//! Before each scan the domain clears vCPU 0's `evtchn_upcall_pending` and takes its
+//! `evtchn_pending_sel` (as a Xen guest's upcall handler does): the hypervisor raises the
+//! upcall, and wakes a blocked vCPU, only when it sets a selector bit that was clear, so an
+//! event arriving after the scan makes the next `SCHEDOP_block` return at once.
+//!
+//! [`Waiter`] is for code that waits for particular ports in sequence (ping-pong, rings): it
+//! keeps every port it took but was not asked about, so none is lost between waits.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -115,6 +123,78 @@ impl<'a> EventLoop<'a> {
     }
 }
 
+/// Ports taken from `shared_info` and not yet consumed, for waiting on particular ports.
+#[derive(Clone, Debug)]
+pub struct Waiter {
+    bits: [u64; 64],
+}
+
+impl Default for Waiter {
+    fn default() -> Self {
+        Waiter { bits: [0; 64] }
+    }
+}
+
+impl Waiter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Take every pending port from `shared_info` into this waiter.
+    pub fn collect(&mut self) {
+        let bits = &mut self.bits;
+        events::take(|p| {
+            if let Some(w) = bits.get_mut(p as usize / 64) {
+                *w |= 1 << (p % 64);
+            }
+        });
+    }
+
+    /// Record `port` as fired (for callers that learn of events another way, and tests).
+    pub fn note(&mut self, port: u32) {
+        if let Some(w) = self.bits.get_mut(port as usize / 64) {
+            *w |= 1 << (port % 64);
+        }
+    }
+
+    /// Consume `port` if it fired.
+    pub fn take(&mut self, port: u32) -> bool {
+        match self.bits.get_mut(port as usize / 64) {
+            Some(w) if *w & (1 << (port % 64)) != 0 => {
+                *w &= !(1 << (port % 64));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Block until `port` fires (consuming it).
+    pub fn wait(&mut self, port: u32) -> Result<(), XenError> {
+        loop {
+            self.collect();
+            if self.take(port) {
+                return Ok(());
+            }
+            hypercall::sched_block()?;
+        }
+    }
+
+    /// Block until `port` fires or system time `deadline_ns`: whether it fired.
+    pub fn wait_until(&mut self, port: u32, deadline_ns: u64) -> Result<bool, XenError> {
+        loop {
+            self.collect();
+            if self.take(port) {
+                return Ok(true);
+            }
+            if time::now_ns() >= deadline_ns {
+                return Ok(false);
+            }
+            hypercall::set_timer(0, deadline_ns)?;
+            hypercall::sched_block()?;
+        }
+    }
+}
+
 #[cfg(all(target_arch = "x86_64", target_os = "none"))]
 mod events {
     use super::*;
@@ -135,6 +215,11 @@ mod events {
         // SAFETY: byte 0, evtchn_upcall_pending: cleared before scanning so an event that
         // arrives during the scan makes the next block return at once.
         unsafe { core::ptr::write_volatile(SHARED_INFO_VA as *mut u8, 0) };
+        // SAFETY: vcpu_info[0].evtchn_pending_sel, the 8-aligned word at offset 8, accessed
+        // atomically by the domain and the hypervisor. Taken so the next event sets a clear
+        // selector bit again (and so raises the upcall that wakes us).
+        let sel = unsafe { &*((SHARED_INFO_VA + 8) as *const AtomicU64) };
+        sel.swap(0, Ordering::AcqRel);
         take_pending(words(0x800), words(0xA00), f);
     }
 }
@@ -164,6 +249,19 @@ mod tests {
         got.clear();
         take_pending(&pending, &mask, |p| got.push(p));
         assert!(got.is_empty());
+    }
+
+    #[test]
+    fn waiter_keeps_ports_it_was_not_asked_about() {
+        let mut w = Waiter::new();
+        w.note(3);
+        w.note(200);
+        assert!(!w.take(4));
+        assert!(w.take(200));
+        assert!(!w.take(200));
+        assert!(w.take(3));
+        w.note(5000);
+        assert!(!w.take(5000));
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub unsafe fn raw(nr: u64, args: [u64; 5]) -> i64 {
 #[cfg(not(all(target_arch = "x86_64", target_os = "none")))]
 pub static MOCK: spin::Mutex<Option<MockHypervisor>> = spin::Mutex::new(None);
 
+/// Host tests that install a [`MOCK`] hold this, so they do not replace each other's.
+#[cfg(test)]
+pub(crate) static TEST_LOCK: spin::Mutex<()> = spin::Mutex::new(());
+
 /// A host stand-in for the hypervisor: `(number, arguments) -> RAX`.
 #[cfg(not(all(target_arch = "x86_64", target_os = "none")))]
 pub type MockHypervisor = fn(u64, [u64; 5]) -> i64;
@@ -60,7 +64,7 @@ pub unsafe fn raw(nr: u64, args: [u64; 5]) -> i64 {
     }
 }
 
-fn call(nr: u64, args: [u64; 5]) -> Result<u64, XenError> {
+pub(crate) fn call(nr: u64, args: [u64; 5]) -> Result<u64, XenError> {
     // SAFETY: every wrapper below passes pointers to live locals or slices of the right size.
     XenError::from_ret(unsafe { raw(nr, args) })
 }
@@ -244,6 +248,7 @@ mod tests {
 
     #[test]
     fn wrappers_decode_results_and_errors() {
+        let _g = TEST_LOCK.lock();
         *MOCK.lock() = Some(echo);
         assert_eq!(xen_version(), Ok((4, 17)));
         assert_eq!(sched_yield(), Err(XenError::EPERM));

@@ -9,21 +9,26 @@
 //!   and shuts the domain down with `poweroff` when `main` returns;
 //! - a panic handler: the message on the console, then `shutdown(crash)`;
 //! - typed hypercalls returning `Result<_, XenError>` ([`hypercall`]), console output
-//!   ([`console`], `print!`/`println!`), monotonic time and sleep ([`time`]) and an event
-//!   loop that blocks in the hypervisor until there is work ([`event`]).
+//!   ([`console`], `print!`/`println!`), monotonic time and sleep ([`time`]), an event
+//!   loop that blocks in the hypervisor until there is work ([`event`]), typed event-channel
+//!   calls ([`evtchn`]) and grant tables from both sides with shared-ring regions
+//!   ([`gnttab`]).
 //!
 //! `domain.ld` (next to this crate's manifest) is the linker script every domain uses; a
 //! domain's `build.rs` passes it for `target_os = "none"` only, so domain crates still build
 //! on the host (with a stub `main`) for `cargo test`/`clippy`.
 //!
 //! Unsafe code is limited to the `syscall` instruction, reading the hypervisor-mapped
-//! start-info and shared-info pages, and handing the heap window to the allocator.
+//! start-info, shared-info and grant-table pages, making ring regions of shared pages, and
+//! handing the heap window to the allocator.
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
 
 pub mod console;
 pub mod event;
+pub mod evtchn;
+pub mod gnttab;
 pub mod hypercall;
 pub mod time;
 

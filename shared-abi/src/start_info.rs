@@ -12,6 +12,8 @@
 //! | [`SHARED_INFO_VA`] | Xen's `shared_info` page | RW |
 //! | [`CONSOLE_RING_VA`] | the console ring (`xencons_interface`) | RW |
 //! | [`XENSTORE_RING_VA`] | the xenstore ring (`xenstore_domain_interface`) | RW |
+//! | [`GRANT_TABLE_VA`] `..` + [`GRANT_TABLE_FRAMES`] pages | the domain's own grant table (v1 entries it writes; `GNTTABOP_setup_table` reports these pages' frame numbers, `va >> 12`) | RW |
+//! | [`GRANT_MAP_BASE`] `..` [`GRANT_MAP_END`] (1.5 GiB .. 2 GiB) | the window `GNTTABOP_map_grant_ref` installs other domains' granted pages in (`host_addr`), read-only if mapped read-only | as mapped |
 //! | [`HEAP_BASE`] `..` [`HEAP_END`] (2 GiB .. 256 GiB) | the initial heap, and every page `memory_op` adds | RW |
 //! | [`STACK_TOP`]` - stack_pages * 4 KiB .. `[`STACK_TOP`] | the boot stack; the page below it is never mapped (guard) | RW |
 //! | [`DOMAIN_VA_END`] (512 GiB) and above | never mapped for the domain; the hypervisor lives in the upper half | – |
@@ -45,6 +47,17 @@ pub const CONSOLE_RING_VA: u64 = START_INFO_VA + 0x2000;
 pub const XENSTORE_RING_VA: u64 = START_INFO_VA + 0x3000;
 /// End (exclusive) of the special-page window that starts at [`START_INFO_VA`].
 pub const SPECIAL_END: u64 = START_INFO_VA + (2 << 20);
+/// The domain's grant table: [`GRANT_TABLE_FRAMES`] pages inside the special window.
+pub const GRANT_TABLE_VA: u64 = START_INFO_VA + 0x10000;
+/// Pages of grant table every domain gets (512 v1 entries each).
+pub const GRANT_TABLE_FRAMES: u64 = 4;
+/// Start of the grant-mapping window (page-aligned `host_addr`s of `GNTTABOP_map_grant_ref`).
+pub const GRANT_MAP_BASE: u64 = 3 << 29;
+/// End (exclusive) of the grant-mapping window.
+pub const GRANT_MAP_END: u64 = HEAP_BASE;
+const _: () = assert!(
+    GRANT_TABLE_VA + GRANT_TABLE_FRAMES * 4096 <= SPECIAL_END && GRANT_MAP_BASE >= SPECIAL_END
+);
 /// Start of the heap window: the initial heap, and the only place `memory_op` adds or removes
 /// pages.
 pub const HEAP_BASE: u64 = 2 << 30;

@@ -4,8 +4,15 @@
 //! address space; map and fill, all from frames charged to the domain's reservation: the
 //! ELF's pages with their permissions, the boot stack with an unmapped guard page below
 //! it, the start-info page (read-only), `shared_info`, the console and xenstore ring pages,
-//! and the rest of the reservation as heap; write the start info and initialise
-//! `shared_info`; register the vCPUs with the scheduler and start vCPU 0.
+//! the grant-table frames, and the rest of the reservation as heap; write the start info and
+//! initialise `shared_info`; set up the domain's event channels and grant table; register the
+//! vCPUs with the scheduler and start vCPU 0.
+//!
+//! Reserved grant refs: ref 0 (`GNTTAB_RESERVED_CONSOLE`) grants the console ring page to
+//! the first live domain holding `CONSOLE_SERVICE`, ref 1 (`GNTTAB_RESERVED_XENSTORE`) the
+//! xenstore ring page to the first live domain holding `XENSTORE_SERVICE`, so a service
+//! domain built *earlier* (manifest order) can map them. With no such domain the entry stays
+//! invalid (all zero), as do refs 2..8.
 //!
 //! On any failure everything already taken is given back and the domain never appears in
 //! the table: a refused build leaks nothing.
@@ -17,11 +24,13 @@ use core::fmt;
 
 use shared_abi::DomId;
 use shared_abi::capability::Capabilities;
+use shared_abi::grant_table::{GrantEntryV1, RESERVED_CONSOLE, RESERVED_XENSTORE, gtf};
 use shared_abi::manifest::{self, DomainSpec};
 use shared_abi::shared_info::LEGACY_MAX_VCPUS;
 use shared_abi::start_info::{
-    self, CONSOLE_RING_VA, DEFAULT_STACK_PAGES, HEAP_BASE, HEAP_END, MAX_DEVICES, MAX_STACK_PAGES,
-    PciAddress, SHARED_INFO_VA, STACK_TOP, START_INFO_VA, StartInfo, XENSTORE_RING_VA,
+    self, CONSOLE_RING_VA, DEFAULT_STACK_PAGES, GRANT_TABLE_FRAMES, GRANT_TABLE_VA, HEAP_BASE,
+    HEAP_END, MAX_DEVICES, MAX_STACK_PAGES, PciAddress, SHARED_INFO_VA, STACK_TOP, START_INFO_VA,
+    StartInfo, XENSTORE_RING_VA,
 };
 
 use super::console::DomainConsole;
@@ -31,7 +40,14 @@ use super::memory::FrameSource as _;
 use super::memory::{
     AddressSpace, MapError, Mfn, PAGE_SIZE, PagePerms, Reservation, ReservedFrames,
 };
+use super::shared::{EventPage, GrantFrames};
 use super::{Domain, DomainState};
+use crate::evtchn::DomainEvtchn;
+use crate::gnttab::DomainGrants;
+use spin::Mutex;
+
+type EvtchnState = Mutex<DomainEvtchn<EventPage>>;
+type GrantState = Mutex<DomainGrants<GrantFrames>>;
 
 /// What to build.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -281,9 +297,9 @@ impl Hypervisor {
     ) -> Result<DomId, BuildError> {
         let limit = validate(cfg)?;
         let plan = elf::plan(elf_bytes).map_err(BuildError::Elf)?;
-        // Image + stack + 4 special pages, and their tables (ELF window, special window,
-        // stack window each need their own directory and leaf tables) + root.
-        let fixed = plan.pages() + cfg.stack_pages + 4;
+        // Image + stack + 4 special pages + the grant table, and their tables (ELF window,
+        // special window, stack window each need their own directory and leaf tables) + root.
+        let fixed = plan.pages() + cfg.stack_pages + 4 + GRANT_TABLE_FRAMES;
         let need = fixed + table_overhead(plan.pages(), 0) + 2 + 2 + 2 + 1;
         if need > limit {
             return Err(BuildError::TooSmall {
@@ -310,6 +326,14 @@ impl Hypervisor {
         match self.fill(&mut part, p, cfg, &plan, elf_bytes, id) {
             Ok(special) => {
                 let now = p.clock.now_ns();
+                let (evtchn, grants) = match self.sharing_state(p, &part, id, cfg.vcpus, special[1])
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        part.tear_down(p);
+                        return Err(e);
+                    }
+                };
                 let vcpus =
                     match self
                         .sched
@@ -345,7 +369,11 @@ impl Hypervisor {
                     console_ring: special[2],
                     xenstore_ring: special[3],
                     console: DomainConsole::new(now),
+                    evtchn,
+                    grants,
+                    instance: self.next_instance,
                 };
+                self.next_instance += 1;
                 d.set_state(DomainState::Running);
                 self.domains.insert(d);
                 if let Some(&v0) = vcpus.first() {
@@ -359,6 +387,55 @@ impl Hypervisor {
                 Err(e)
             }
         }
+    }
+
+    /// The first live domain holding `cap` (a service domain built earlier).
+    fn service_domain(&self, cap: Capabilities) -> Option<DomId> {
+        self.domains
+            .iter()
+            .find(|d| d.state().is_alive() && d.caps.contains(cap))
+            .map(|d| d.id)
+    }
+
+    /// The new domain's event-channel and grant state, over atomic views of its
+    /// `shared_info` and grant-table frames. A platform without atomic views gives a domain
+    /// with neither (its `event_channel_op` and `grant_table_op` answer `-ENOSYS`).
+    fn sharing_state(
+        &self,
+        p: &Platform<'_>,
+        part: &Partial,
+        id: DomId,
+        vcpus: u32,
+        shared_info: Mfn,
+    ) -> Result<(Option<EvtchnState>, Option<GrantState>), BuildError> {
+        let Some(si) = p.phys.atomic_frame(shared_info) else {
+            return Ok((None, None));
+        };
+        let ev = DomainEvtchn::new(id, vcpus, self.config.evtchn_max_ports, EventPage::new(si))
+            .map_err(|e| {
+                config_error(
+                    "evtchn_max_ports",
+                    alloc::format!("{} refused ({e})", self.config.evtchn_max_ports),
+                )
+            })?;
+        let mut views = Vec::new();
+        for i in 0..GRANT_TABLE_FRAMES {
+            let f = part
+                .pages
+                .get(&(GRANT_TABLE_VA + i * PAGE_SIZE))
+                .and_then(|&f| p.phys.atomic_frame(f));
+            match f {
+                Some(v) => views.push(v),
+                None => return Ok((Some(Mutex::new(ev)), None)),
+            }
+        }
+        let g = DomainGrants::new(
+            id,
+            self.next_instance,
+            GrantFrames::new(views),
+            self.config.maptrack_max,
+        );
+        Ok((Some(Mutex::new(ev)), Some(Mutex::new(g))))
     }
 
     fn fill(
@@ -379,8 +456,38 @@ impl Hypervisor {
         let sh = part.map_new(p, SHARED_INFO_VA, PagePerms::USER_RW)?;
         let con = part.map_new(p, CONSOLE_RING_VA, PagePerms::USER_RW)?;
         let xs = part.map_new(p, XENSTORE_RING_VA, PagePerms::USER_RW)?;
+        for i in 0..GRANT_TABLE_FRAMES {
+            part.map_new(p, GRANT_TABLE_VA + i * PAGE_SIZE, PagePerms::USER_RW)?;
+        }
+        if let Some(&gt0) = part.pages.get(&GRANT_TABLE_VA) {
+            for (gref, cap, ring_va) in [
+                (
+                    RESERVED_CONSOLE,
+                    Capabilities::CONSOLE_SERVICE,
+                    CONSOLE_RING_VA,
+                ),
+                (
+                    RESERVED_XENSTORE,
+                    Capabilities::XENSTORE_SERVICE,
+                    XENSTORE_RING_VA,
+                ),
+            ] {
+                if let Some(server) = self.service_domain(cap) {
+                    let e = GrantEntryV1 {
+                        flags: gtf::PERMIT_ACCESS,
+                        domid: server,
+                        frame: (ring_va / PAGE_SIZE) as u32,
+                    };
+                    p.phys.write(gt0, gref as usize * 8, &e.to_bytes());
+                }
+            }
+        }
         // The heap: what is left once its own page tables are paid for.
-        let avail = part.reservation.available();
+        // The page tables a full maptrack quota of grant mappings needs stay unspent, so a
+        // domain can always map what its quota allows (the window's leaf tables plus one
+        // directory).
+        let window_tables = u64::from(self.config.maptrack_max).div_ceil(512) + 1;
+        let avail = part.reservation.available().saturating_sub(window_tables);
         let mut heap = avail;
         for _ in 0..4 {
             heap = avail.saturating_sub(table_overhead(heap, 1));

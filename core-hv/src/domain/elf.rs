@@ -260,7 +260,7 @@ pub fn plan(bytes: &[u8]) -> Result<LoadPlan, ElfError> {
             reason: "e_phnum is 0 or above 64",
         });
     }
-    if phoff % 8 != 0 {
+    if !phoff.is_multiple_of(8) {
         return Err(ElfError::ProgramHeaderTable {
             reason: "e_phoff is not 8-byte aligned",
         });

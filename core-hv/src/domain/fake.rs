@@ -6,9 +6,10 @@ use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 use core::cell::RefCell;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::memory::{
-    AddressSpace, AddressSpaceFactory, FrameSource, MapError, Mfn, PagePerms, PhysMem,
+    AddressSpace, AddressSpaceFactory, AtomicFrame, FrameSource, MapError, Mfn, PagePerms, PhysMem,
 };
 use shared_abi::start_info::DOMAIN_VA_END;
 
@@ -40,24 +41,46 @@ impl FrameSource for FakeFrames {
         assert!(self.outstanding.remove(&frame), "double free of {frame:?}");
         self.free.push(frame);
     }
+    fn free_frames(&self) -> Option<u64> {
+        Some(self.free.len() as u64)
+    }
 }
 
-/// Frames as byte arrays, created zeroed on first touch.
+/// Frames as atomic words (so the atomic view and byte access agree), created zeroed on
+/// first touch. Pages are leaked: the atomic views are `'static`, and this is test code.
 #[derive(Default)]
 pub struct FakePhys {
-    pages: RefCell<BTreeMap<Mfn, Box<[u8; 4096]>>>,
+    pages: RefCell<BTreeMap<Mfn, &'static AtomicFrame>>,
+}
+
+impl FakePhys {
+    fn page(&self, frame: Mfn) -> &'static AtomicFrame {
+        self.pages
+            .borrow_mut()
+            .entry(frame)
+            .or_insert_with(|| Box::leak(Box::new(core::array::from_fn(|_| AtomicU64::new(0)))))
+    }
 }
 
 impl PhysMem for FakePhys {
     fn read(&self, frame: Mfn, offset: usize, buf: &mut [u8]) {
-        let mut pages = self.pages.borrow_mut();
-        let p = pages.entry(frame).or_insert_with(|| Box::new([0; 4096]));
-        buf.copy_from_slice(&p[offset..offset + buf.len()]);
+        let p = self.page(frame);
+        for (i, b) in buf.iter_mut().enumerate() {
+            let at = offset + i;
+            *b = (p[at / 8].load(Ordering::SeqCst) >> (8 * (at % 8))) as u8;
+        }
     }
     fn write(&self, frame: Mfn, offset: usize, data: &[u8]) {
-        let mut pages = self.pages.borrow_mut();
-        let p = pages.entry(frame).or_insert_with(|| Box::new([0; 4096]));
-        p[offset..offset + data.len()].copy_from_slice(data);
+        let p = self.page(frame);
+        for (i, &b) in data.iter().enumerate() {
+            let at = offset + i;
+            let shift = 8 * (at % 8);
+            p[at / 8].fetch_and(!(0xFFu64 << shift), Ordering::SeqCst);
+            p[at / 8].fetch_or(u64::from(b) << shift, Ordering::SeqCst);
+        }
+    }
+    fn atomic_frame(&self, frame: Mfn) -> Option<&'static AtomicFrame> {
+        Some(self.page(frame))
     }
 }
 
@@ -93,7 +116,7 @@ impl AddressSpace for FakeAddressSpace {
         perms: PagePerms,
         tables: &mut dyn FrameSource,
     ) -> Result<(), MapError> {
-        if va % 4096 != 0 || va >= DOMAIN_VA_END {
+        if !va.is_multiple_of(4096) || va >= DOMAIN_VA_END {
             return Err(MapError::BadAddress);
         }
         if self.map.contains_key(&va) {

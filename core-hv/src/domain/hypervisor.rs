@@ -13,9 +13,15 @@ use shared_abi::DomId;
 use shared_abi::shared_info::{LEGACY_MAX_VCPUS, VcpuTimeInfo};
 use shared_abi::start_info::EntryState;
 
+use shared_abi::event_channel::virq;
+use spin::Mutex;
+
 use super::console::ConsoleSink;
 use super::memory::{AddressSpaceFactory, FrameSource, Mfn, PhysMem, ReservedFrames};
+use super::shared::{FrameRefs, HvGrantMemory};
 use super::{DomainState, DomainTable, ExitReason, FaultInfo, ShutdownReason};
+use crate::evtchn::{self, Delivery};
+use crate::gnttab;
 use crate::sched::{CpuId, CpuSet, Decision, SchedConfig, Scheduler, TickResult, VcpuId};
 
 /// Hypervisor system time and the TSC.
@@ -44,13 +50,24 @@ pub struct HvConfig {
     /// inspection yet). Faults always free at once.
     pub destroy_on_shutdown: bool,
     pub sched: SchedConfig,
+    /// Event-channel ports per domain, port 0 included (2..=4096; beyond: `-ENOSPC`).
+    pub evtchn_max_ports: u32,
+    /// Grant mappings one domain may hold at once (beyond: `GNTST_no_space`).
+    pub maptrack_max: u32,
 }
+
+/// Xen's default `max_event_channels` for a guest is 1023 usable ports.
+pub const DEFAULT_EVTCHN_MAX_PORTS: u32 = 1024;
+/// Default maptrack quota.
+pub const DEFAULT_MAPTRACK_MAX: u32 = 1024;
 
 impl Default for HvConfig {
     fn default() -> Self {
         HvConfig {
             destroy_on_shutdown: true,
             sched: SchedConfig::default(),
+            evtchn_max_ports: DEFAULT_EVTCHN_MAX_PORTS,
+            maptrack_max: DEFAULT_MAPTRACK_MAX,
         }
     }
 }
@@ -76,6 +93,10 @@ pub struct Hypervisor {
     /// Kicks produced outside an entry point (e.g. by building a domain), handed out by the
     /// next [`Hypervisor::take_kicks`].
     pub(crate) pending_kicks: CpuSet,
+    /// References on frames that grant mappings hold, and orphans (see [`super::shared`]).
+    pub frame_refs: Mutex<FrameRefs>,
+    /// The next domain instance number.
+    pub(crate) next_instance: u64,
 }
 
 impl Hypervisor {
@@ -87,6 +108,8 @@ impl Hypervisor {
             sched,
             config,
             pending_kicks: CpuSet::EMPTY,
+            frame_refs: Mutex::new(FrameRefs::default()),
+            next_instance: 1,
         }
     }
 
@@ -132,6 +155,7 @@ impl Hypervisor {
         line.truncate(256);
         p.console.write(line.as_bytes());
         let mut kicks = self.sched.pause_domain(dom, now);
+        kicks = kicks.union(self.raise_dom_exc(p));
         if self.config.destroy_on_shutdown || matches!(exit, ExitReason::Fault(_)) {
             kicks = kicks.union(self.destroy_domain(p, dom));
         }
@@ -147,9 +171,112 @@ impl Hypervisor {
         if !d.set_state(DomainState::Dying) {
             return CpuSet::EMPTY;
         }
-        let kicks = self.sched.remove_domain(dom);
+        let mut kicks = self.sched.remove_domain(dom);
+        self.release_sharing(p, dom);
+        kicks = kicks.union(self.raise_dom_exc(p));
         self.reap(p);
         kicks
+    }
+
+    /// A dying domain's event channels are closed (peers' ends revert to unbound), the grant
+    /// mappings it holds are removed from its address space and released, and its grant table
+    /// goes (mappings others hold of its pages keep those frames referenced).
+    fn release_sharing(&mut self, p: &mut Platform<'_>, dom: DomId) {
+        if self.domains.get(dom).is_some_and(|d| d.evtchn.is_some()) {
+            // Only ESRCH is possible (the state is there): nothing to undo either way.
+            let _ = evtchn::reset(&self.domains, dom);
+        }
+        let unmapped = {
+            let mem = HvGrantMemory {
+                domains: &self.domains,
+                refs: &self.frame_refs,
+                phys: p.phys,
+            };
+            gnttab::map::teardown_mapper(&self.domains, dom, &mem)
+        };
+        if let Some(d) = self.domains.get_mut(dom) {
+            if let Some(a) = d.aspace.as_mut() {
+                for u in &unmapped {
+                    a.unmap(u.host_addr);
+                }
+            }
+            d.evtchn = None;
+            d.grants = None;
+        }
+        self.free_orphans(p);
+    }
+
+    /// Return to the pool every orphaned frame whose last reference went.
+    pub(crate) fn free_orphans(&mut self, p: &mut Platform<'_>) {
+        let freeable = self.frame_refs.lock().take_freeable();
+        if freeable.is_empty() {
+            return;
+        }
+        for &f in &freeable {
+            p.frames.free_frame(f);
+        }
+        let line = alloc::format!(
+            "(hv) {} orphaned frame(s) back in the pool after their last grant mapping went (free frames {})\n",
+            freeable.len(),
+            p.frames.free_frames().map_or(-1, |n| n as i64),
+        );
+        p.console.write(line.as_bytes());
+    }
+
+    /// Raise `VIRQ_DOM_EXC` in every live domain that bound it (a domain stopped or died).
+    fn raise_dom_exc(&mut self, p: &mut Platform<'_>) -> CpuSet {
+        let targets: Vec<DomId> = self
+            .domains
+            .iter()
+            .filter(|d| d.state().is_alive() && d.evtchn.is_some())
+            .map(|d| d.id)
+            .collect();
+        targets.into_iter().fold(CpuSet::EMPTY, |k, t| {
+            k.union(self.raise_virq(p, t, virq::DOM_EXC, 0))
+        })
+    }
+
+    /// Raise `virq` in `dom` (on `vcpu` for per-vCPU VIRQs), if it bound it; wakes as needed.
+    pub fn raise_virq(
+        &mut self,
+        p: &mut Platform<'_>,
+        dom: DomId,
+        virq_nr: u32,
+        vcpu: u32,
+    ) -> CpuSet {
+        let delivery = match self.domains.get(dom).and_then(|d| d.evtchn.as_ref()) {
+            Some(e) => e.lock().raise_virq(virq_nr, vcpu),
+            None => None,
+        };
+        match delivery {
+            Some(d) => self.deliver(p, dom, d),
+            None => CpuSet::EMPTY,
+        }
+    }
+
+    /// Act on what setting a port pending did (Xen's `evtchn_2l_set_pending` tail): a new
+    /// upcall wakes the notified vCPU and the domain's pollers; a newly pending bit without an
+    /// upcall (masked, or the upcall already pending) still wakes pollers.
+    pub fn deliver(&mut self, p: &mut Platform<'_>, dom: DomId, d: Delivery) -> CpuSet {
+        match d.kick {
+            Some(v) => self.event_pending(p, dom, v),
+            None if d.newly_pending => self.event_pending(p, dom, u32::MAX),
+            None => CpuSet::EMPTY,
+        }
+    }
+
+    /// Console input is waiting: raise `VIRQ_CONSOLE` in every domain that bound it (only
+    /// console-service domains may). For the arch layer's serial receive path.
+    pub fn console_input(&mut self, p: &mut Platform<'_>) -> CpuSet {
+        let targets: Vec<DomId> = self
+            .domains
+            .iter()
+            .filter(|d| d.state().is_alive() && d.evtchn.is_some())
+            .map(|d| d.id)
+            .collect();
+        targets.into_iter().fold(CpuSet::EMPTY, |k, t| {
+            k.union(self.raise_virq(p, t, virq::CONSOLE, 0))
+        })
     }
 
     /// Free every dying domain no CPU runs or has loaded.
@@ -167,6 +294,10 @@ impl Hypervisor {
             let Some(d) = self.domains.get_mut(id) else {
                 continue;
             };
+            // Views of its shared pages go before the pages do (normally already gone).
+            d.evtchn = None;
+            d.grants = None;
+            let mut kept = 0u64;
             let mut frames = ReservedFrames {
                 reservation: &mut d.reservation,
                 pool: &mut *p.frames,
@@ -174,9 +305,23 @@ impl Hypervisor {
             if let Some(mut aspace) = d.aspace.take() {
                 for (va, f) in core::mem::take(&mut d.pages) {
                     aspace.unmap(va);
-                    frames.free_frame(f);
+                    if self.frame_refs.lock().release(f) {
+                        frames.free_frame(f);
+                    } else {
+                        frames.reservation.uncharge();
+                        kept += 1;
+                    }
                 }
                 aspace.release(&mut frames);
+            }
+            if kept > 0 {
+                let mut line = alloc::format!(
+                    "(hv) domain {id} ({}) died with {kept} page(s) mapped by other domains: kept out of the pool until unmapped (free frames {})\n",
+                    d.name,
+                    p.frames.free_frames().map_or(-1, |n| n as i64),
+                );
+                line.truncate(256);
+                p.console.write(line.as_bytes());
             }
             d.set_state(DomainState::Dead);
         }
@@ -211,15 +356,24 @@ impl Hypervisor {
     /// The timer interrupt on `cpu`.
     pub fn timer_tick(&mut self, p: &mut Platform<'_>, cpu: CpuId) -> TickResult {
         let now = p.clock.now_ns();
-        let r = self.sched.tick(cpu, now);
-        for &v in &r.timers_fired {
-            if let Some((dom, idx)) = self.sched.owner(v)
-                && let Some(d) = self.domains.get_mut(dom)
+        let mut r = self.sched.tick(cpu, now);
+        let fired = core::mem::take(&mut r.timers_fired);
+        for &v in &fired {
+            let Some((dom, idx)) = self.sched.owner(v) else {
+                continue;
+            };
+            if let Some(d) = self.domains.get_mut(dom)
                 && let Some(flag) = d.polling.get_mut(idx as usize)
             {
                 *flag = false;
             }
+            let k = self.raise_virq(p, dom, virq::TIMER, idx);
+            if k.contains(cpu) {
+                r.resched = true;
+            }
+            r.kicks = r.kicks.union(CpuSet(k.0 & !(1u64 << cpu.min(63))));
         }
+        r.timers_fired = fired;
         r
     }
 
@@ -283,10 +437,11 @@ impl Hypervisor {
         };
         let mut wake: Vec<VcpuId> = Vec::new();
         for (i, &v) in d.vcpus.iter().enumerate() {
-            if i as u32 == vcpu || d.polling.get(i).copied().unwrap_or(false) {
+            let polling = d.polling.get(i).copied().unwrap_or(false);
+            if i as u32 == vcpu || polling {
                 wake.push(v);
             }
-            if let Some(f) = d.polling.get_mut(i) {
+            if polling && let Some(f) = d.polling.get_mut(i) {
                 *f = false;
             }
         }

@@ -44,6 +44,10 @@ pub trait FrameSource {
     fn alloc_frame(&mut self) -> Option<Mfn>;
     /// Give a frame back. Callers free only frames they allocated and no longer map.
     fn free_frame(&mut self, frame: Mfn);
+    /// Frames free in the pool, if the source knows (for reports).
+    fn free_frames(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Access to the bytes of physical frames. `offset + len` never exceeds [`PAGE_SIZE`]
@@ -54,7 +58,21 @@ pub trait PhysMem {
     fn zero(&self, frame: Mfn) {
         self.write(frame, 0, &[0u8; PAGE_SIZE as usize]);
     }
+    /// The frame as 512 atomic little-endian words: the hypervisor's view of a page it shares
+    /// with a domain (`shared_info`, grant-table frames), for the protocols that need atomic
+    /// read-modify-write (event bits, grant flags). `None` if the platform cannot give one
+    /// (the domain then has no event channels or grant table).
+    ///
+    /// The view stays usable for as long as the frame is allocated; the domain code drops every
+    /// view of a frame before it frees the frame ([`super::shared`]).
+    fn atomic_frame(&self, frame: Mfn) -> Option<&'static AtomicFrame> {
+        let _ = frame;
+        None
+    }
 }
+
+/// A frame as atomic 64-bit words (see [`PhysMem::atomic_frame`]).
+pub type AtomicFrame = [core::sync::atomic::AtomicU64; (PAGE_SIZE / 8) as usize];
 
 /// Why a page-table edit failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,6 +146,11 @@ impl Reservation {
     pub const fn available(&self) -> u64 {
         self.limit.saturating_sub(self.used)
     }
+    /// The domain gave up a frame that is not going back to the pool yet (another domain
+    /// still maps it): it no longer counts against this domain.
+    pub fn uncharge(&mut self) {
+        self.used = self.used.saturating_sub(1);
+    }
 }
 
 /// A [`FrameSource`] that charges every frame to a domain's [`Reservation`] and refuses
@@ -150,5 +173,9 @@ impl FrameSource for ReservedFrames<'_> {
     fn free_frame(&mut self, frame: Mfn) {
         self.pool.free_frame(frame);
         self.reservation.used = self.reservation.used.saturating_sub(1);
+    }
+
+    fn free_frames(&self) -> Option<u64> {
+        self.pool.free_frames()
     }
 }

@@ -20,7 +20,15 @@
 //!
 //! Lock order: the arch layer keeps the whole [`Hypervisor`] (domain table + scheduler)
 //! under one lock, taken on syscall entry, faults and timer ticks; the frame pool's lock
-//! nests inside it. Nothing here blocks.
+//! nests inside it. Inside it, each domain's event-channel and grant state has its own
+//! uncontended mutex (taken one at a time, or two lower-domid-first for event channels),
+//! and the frame reference counts' mutex last ([`shared`]). Nothing here blocks.
+//!
+//! Teardown order (why the shared-page views are safe): a domain that becomes `Dying`
+//! closes its event channels (peers revert to unbound), loses every grant mapping it held
+//! (unmapped from its address space), and drops its grant table (mappings others hold keep
+//! their frames referenced); only later, in `reap`, are its pages freed, a referenced page
+//! becoming an orphan that returns to the pool on its last unmap.
 
 pub mod builder;
 pub mod console;
@@ -31,6 +39,7 @@ pub mod guest_memory;
 pub mod hypercall;
 pub mod hypervisor;
 pub mod memory;
+pub mod shared;
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
@@ -218,6 +227,13 @@ pub struct Domain {
     pub console_ring: Mfn,
     pub xenstore_ring: Mfn,
     pub console: DomainConsole,
+    /// Event channels (`None` once the domain is dying, or if the platform gave no atomic
+    /// view of its `shared_info`).
+    pub evtchn: Option<spin::Mutex<crate::evtchn::DomainEvtchn<shared::EventPage>>>,
+    /// Its grant table and the mappings it holds of others' grants (`None` once dying).
+    pub grants: Option<spin::Mutex<crate::gnttab::DomainGrants<shared::GrantFrames>>>,
+    /// Differs between any two domains ever built in this boot (grant mappings record it).
+    pub instance: u64,
 }
 
 impl Domain {

@@ -94,7 +94,7 @@ impl Call<'_, '_> {
     /// The heap-window pages of an extent, if it is aligned and inside the window.
     fn extent_range(gpfn: u64, order: u32) -> Option<(u64, u64)> {
         let pages = 1u64 << order;
-        if gpfn % pages != 0 {
+        if !gpfn.is_multiple_of(pages) {
             return None;
         }
         let va = gpfn.checked_mul(PAGE_SIZE)?;
@@ -173,7 +173,12 @@ impl Call<'_, '_> {
             let page = va + i * PAGE_SIZE;
             if let Some(f) = d.pages.remove(&page) {
                 aspace.unmap(page);
-                frames.free_frame(f);
+                // A page another domain maps (granted) stays out of the pool until unmapped.
+                if self.hv.frame_refs.lock().release(f) {
+                    frames.free_frame(f);
+                } else {
+                    frames.reservation.uncharge();
+                }
             }
         }
         true

@@ -12,8 +12,12 @@
 //! `-ENOSYS`. Nothing here panics on domain input (the dispatcher proptest checks it).
 
 mod domctl;
+mod evtchn_op;
+mod gnttab_op;
 mod memory_op;
 mod sched_op;
+#[cfg(test)]
+mod sharing_tests;
 #[cfg(test)]
 mod tests;
 
@@ -250,6 +254,8 @@ impl Hypervisor {
             hc::VCPU_OP => c.vcpu_op(a0, a1, a2),
             hc::MEMORY_OP => c.memory_op(a0, a1),
             hc::DOMCTL => c.domctl(a0),
+            hc::EVENT_CHANNEL_OP => c.event_channel_op(a0, a1),
+            hc::GRANT_TABLE_OP => c.grant_table_op(a0, a1, a2),
             _ => Err(XenError::ENOSYS),
         };
         let mut exit = c.exit;

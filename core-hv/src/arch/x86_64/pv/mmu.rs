@@ -51,7 +51,8 @@ use spin::{Mutex, MutexGuard};
 
 use super::super::{DIRECT_MAP_LIMIT, MAX_CPUS, apic, cpu, idt, memory, percpu, phys_to_virt};
 use crate::domain::memory::{
-    AddressSpace, AddressSpaceFactory, FrameSource, MapError, Mfn, PAGE_SIZE, PagePerms, PhysMem,
+    AddressSpace, AddressSpaceFactory, AtomicFrame, FrameSource, MapError, Mfn, PAGE_SIZE,
+    PagePerms, PhysMem,
 };
 use crate::mm::paging::{ADDR_MASK, flags};
 
@@ -190,6 +191,10 @@ impl FrameSource for GlobalFrames {
             log::error!("frame {:#x} freed twice or never allocated", frame.0 << 12);
         }
     }
+
+    fn free_frames(&self) -> Option<u64> {
+        Some(memory::free_frames())
+    }
 }
 
 /// Frame bytes through the direct map.
@@ -205,6 +210,16 @@ fn frame_ptr(frame: Mfn, offset: usize, len: usize) -> Option<*mut u8> {
 }
 
 impl PhysMem for DirectPhys {
+    fn atomic_frame(&self, frame: Mfn) -> Option<&'static AtomicFrame> {
+        let p = frame_ptr(frame, 0, PAGE_SIZE as usize)?;
+        // SAFETY: `p` is the direct-map address of one whole RAM frame (checked by
+        // `frame_ptr`): page-aligned, mapped for the hypervisor's life, and `[AtomicU64; 512]`
+        // has the layout of `[u64; 512]`. The hypervisor touches a shared frame through this
+        // view only atomically (the domain may write it concurrently), and the domain code
+        // drops the view before the frame is freed (`domain::shared`).
+        Some(unsafe { &*(p as *const AtomicFrame) })
+    }
+
     fn read(&self, frame: Mfn, offset: usize, buf: &mut [u8]) {
         let Some(src) = frame_ptr(frame, offset, buf.len()) else {
             return;
