@@ -7,10 +7,11 @@
 
 use shared_abi::DomId;
 use shared_abi::errno::XenError;
+use shared_abi::hypercall::memory_op;
 use shared_abi::hypercall::{self as hc, console_io, sched_op, vcpu_op, xen_version};
 use shared_abi::hypercall_args::{
     SchedPoll, SchedRemoteShutdown, SchedShutdown, VcpuRunstateInfo, VcpuSetSingleshotTimer, Wire,
-    XenFeatureInfo,
+    XenFeatureInfo, XenMemoryReservation,
 };
 
 /// Issue hypercall `nr`.
@@ -232,9 +233,73 @@ pub fn reservation(domid: DomId, maximum: bool) -> Result<u64, XenError> {
     call(hc::MEMORY_OP, [cmd, ptr(&domid), 0, 0, 0])
 }
 
+/// Issue `XENMEM_increase_reservation` / `decrease_reservation` for single pages at `gpfns`
+/// (page numbers of this domain's own address space). Xen's ABI answers with the number of
+/// extents done, which may be short.
+fn change_reservation(cmd: u64, gpfns: &[u64]) -> Result<usize, XenError> {
+    let mut b = [0u8; 32];
+    XenMemoryReservation {
+        extent_start: gpfns.as_ptr() as u64,
+        nr_extents: gpfns.len() as u64,
+        extent_order: 0,
+        mem_flags: 0,
+        domid: shared_abi::domid::DOMID_SELF,
+        pad: [0; 3],
+    }
+    .encode(&mut b);
+    call(hc::MEMORY_OP, [cmd, b.as_ptr() as u64, 0, 0, 0]).map(|done| done as usize)
+}
+
+/// Grow this domain by one zeroed page at each of `gpfns` (inside the heap window). Returns
+/// how many pages were added, in order: a short count means the rest did not fit. When not
+/// even the first page fits (the domain is at its memory limit) the answer is
+/// `Err(ENOMEM)`, so callers cannot mistake "nothing added" for success.
+pub fn increase_reservation(gpfns: &[u64]) -> Result<usize, XenError> {
+    match change_reservation(memory_op::INCREASE_RESERVATION, gpfns)? {
+        0 if !gpfns.is_empty() => Err(XenError::ENOMEM),
+        done => Ok(done),
+    }
+}
+
+/// Give back the pages at `gpfns`; returns how many were released.
+pub fn decrease_reservation(gpfns: &[u64]) -> Result<usize, XenError> {
+    change_reservation(memory_op::DECREASE_RESERVATION, gpfns)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reservation_mock(nr: u64, a: [u64; 5]) -> i64 {
+        // Grants at most 2 pages per call, as a hypervisor near its limit would.
+        if nr == hc::MEMORY_OP && a[0] == memory_op::INCREASE_RESERVATION {
+            // SAFETY: the wrapper under test passes a pointer to its live 32-byte request.
+            let b = unsafe { core::slice::from_raw_parts(a[1] as *const u8, 32) };
+            let n = u64::from_le_bytes(b[8..16].try_into().unwrap_or([0; 8]));
+            n.min(2) as i64
+        } else {
+            XenError::ENOSYS.as_ret()
+        }
+    }
+
+    fn full_mock(nr: u64, a: [u64; 5]) -> i64 {
+        if nr == hc::MEMORY_OP && a[0] == memory_op::INCREASE_RESERVATION {
+            0
+        } else {
+            XenError::ENOSYS.as_ret()
+        }
+    }
+
+    #[test]
+    fn increase_reservation_short_count_is_ok_and_nothing_added_is_enomem() {
+        let _g = TEST_LOCK.lock();
+        *MOCK.lock() = Some(reservation_mock);
+        assert_eq!(increase_reservation(&[10, 11, 12]), Ok(2));
+        assert_eq!(increase_reservation(&[]), Ok(0));
+        *MOCK.lock() = Some(full_mock);
+        assert_eq!(increase_reservation(&[10]), Err(XenError::ENOMEM));
+        *MOCK.lock() = None;
+    }
 
     fn echo(nr: u64, a: [u64; 5]) -> i64 {
         if nr == hc::XEN_VERSION && a[0] == xen_version::VERSION {

@@ -293,6 +293,14 @@ fn hostile_hypercalls_never_hurt_the_hypervisor_and_memory_limits_hold() {
     }
     result_numbers(&b, "hostile");
     result_numbers(&b, "memlimit");
+    let memlimit_saw_enomem = b
+        .console()
+        .results()
+        .iter()
+        .any(|r| r.name == "memlimit" && r.details.contains("Err(ENOMEM)"));
+    if !memlimit_saw_enomem {
+        b.fail("growing past the memory limit did not answer ENOMEM");
+    }
     result_numbers(&b, "survivor");
     expect_exit(&b, "hostile", "poweroff");
     expect_balanced(&b);
