@@ -31,6 +31,7 @@ pub mod evtchn;
 pub mod gnttab;
 pub mod hypercall;
 pub mod time;
+pub mod xenbus;
 
 pub use shared_abi;
 pub use shared_abi::errno::XenError;

@@ -4,6 +4,8 @@
 //!   watches, domains and quotas — as a library without I/O, so the host daemon and the
 //!   domain's ring transport drive the same code.
 //! - [`store`], [`path`], [`perms`], [`quota`]: its parts.
+//! - [`ring`]: the ring-page transport of the service domain (xenstored's side of each
+//!   domain's `xenstore_domain_interface`).
 //! - [`host`] (unix only): the daemon that serves the engine on unix sockets for Xen's stock
 //!   `xenstore-*` tools, as C `xenstored` does for local tools.
 #![forbid(unsafe_code)]
@@ -14,6 +16,7 @@ pub mod host;
 pub mod path;
 pub mod perms;
 pub mod quota;
+pub mod ring;
 pub mod store;
 
 pub use engine::{Config, ConnId, ConnKind, Effect, Engine, Outgoing, Output};

@@ -402,11 +402,7 @@ impl<T: Transport> Xenbus<T> {
 
     /// GET_DOMAIN_PATH: `/local/domain/<domid>`.
     pub fn domain_path(&mut self, domid: DomId) -> Result<String, XenError> {
-        one_string(&self.request(
-            MsgType::GetDomainPath,
-            Tx::NONE,
-            &z(&format!("{domid}")),
-        )?)
+        one_string(&self.request(MsgType::GetDomainPath, Tx::NONE, &z(&format!("{domid}")))?)
     }
 
     /// SET_PERMS: `perms` in Xen's string form (`n1`, `r2`, `w3`, `b4`; the first names
@@ -421,7 +417,11 @@ impl<T: Transport> Xenbus<T> {
 
     /// WATCH `path`; `cb` runs (from [`Xenbus::dispatch`]) for each event, starting with the
     /// one the server sends at registration.
-    pub fn watch(&mut self, path: &str, cb: impl FnMut(&str) + 'static) -> Result<WatchHandle, XenError> {
+    pub fn watch(
+        &mut self,
+        path: &str,
+        cb: impl FnMut(&str) + 'static,
+    ) -> Result<WatchHandle, XenError> {
         let token = format!("{:X}", self.next_token);
         self.next_token += 1;
         let mut p = z(path);
