@@ -1,0 +1,375 @@
+//! PCI device selection for the boot manifest: which physical functions a driver domain is
+//! given.
+//!
+//! A [`DeviceMatch`] names functions by address (segment:bus:device.function), by
+//! vendor/device id, or by class code. The hypervisor resolves every match against the
+//! functions it enumerated at boot and refuses a manifest in which one function would go to two
+//! domains (`core_hv::pci::assign`). Matches are hostile input like the rest of the manifest:
+//! [`DeviceMatch::validate`] checks the ranges, and a match that selects nothing is an error, not
+//! a silent no-op.
+
+use core::fmt;
+use core::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Most device matches one domain may carry.
+pub const MAX_DEVICE_MATCHES: usize = 16;
+
+/// A PCI function address (segment group, bus, device 0..32, function 0..8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PciAddress {
+    pub segment: u16,
+    pub bus: u8,
+    pub device: u8,
+    pub function: u8,
+}
+
+impl PciAddress {
+    pub const MAX_DEVICE: u8 = 31;
+    pub const MAX_FUNCTION: u8 = 7;
+
+    /// An address, or `None` if `device` > 31 or `function` > 7.
+    pub const fn new(segment: u16, bus: u8, device: u8, function: u8) -> Option<PciAddress> {
+        if device > Self::MAX_DEVICE || function > Self::MAX_FUNCTION {
+            return None;
+        }
+        Some(PciAddress {
+            segment,
+            bus,
+            device,
+            function,
+        })
+    }
+
+    /// Device and function packed as in a requester id's low byte (`dev << 3 | fn`).
+    pub const fn devfn(&self) -> u8 {
+        (self.device << 3) | (self.function & 7)
+    }
+
+    /// The 16-bit requester (source) id a DMA or interrupt from this function carries.
+    pub const fn requester_id(&self) -> u16 {
+        ((self.bus as u16) << 8) | self.devfn() as u16
+    }
+
+    /// True if the fields are in range (a deserialised value is not checked by serde).
+    pub const fn is_valid(&self) -> bool {
+        self.device <= Self::MAX_DEVICE && self.function <= Self::MAX_FUNCTION
+    }
+}
+
+impl fmt::Display for PciAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{}",
+            self.segment, self.bus, self.device, self.function
+        )
+    }
+}
+
+/// Why a PCI address string was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PciAddressError {
+    /// Not `[SSSS:]BB:DD.F` with hexadecimal fields.
+    Syntax,
+    /// Device above 0x1f.
+    Device(u32),
+    /// Function above 7.
+    Function(u32),
+}
+
+impl fmt::Display for PciAddressError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PciAddressError::Syntax => {
+                write!(
+                    f,
+                    "PCI address must be [segment:]bus:device.function in hex"
+                )
+            }
+            PciAddressError::Device(d) => write!(f, "PCI device {d:#x} is above 0x1f"),
+            PciAddressError::Function(n) => write!(f, "PCI function {n} is above 7"),
+        }
+    }
+}
+
+impl FromStr for PciAddress {
+    type Err = PciAddressError;
+
+    /// `0000:00:03.0` or `00:03.0` (segment 0).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let hex = |t: &str, max_len: usize| -> Result<u32, PciAddressError> {
+            if t.is_empty() || t.len() > max_len {
+                return Err(PciAddressError::Syntax);
+            }
+            u32::from_str_radix(t, 16).map_err(|_| PciAddressError::Syntax)
+        };
+        let (head, func) = s.rsplit_once('.').ok_or(PciAddressError::Syntax)?;
+        let mut parts = head.split(':');
+        let (seg, bus, dev) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(b), Some(d), None, None) => (0, hex(b, 2)?, hex(d, 2)?),
+            (Some(s), Some(b), Some(d), None) => (hex(s, 4)?, hex(b, 2)?, hex(d, 2)?),
+            _ => return Err(PciAddressError::Syntax),
+        };
+        let func = hex(func, 1)?;
+        if dev > PciAddress::MAX_DEVICE as u32 {
+            return Err(PciAddressError::Device(dev));
+        }
+        if func > PciAddress::MAX_FUNCTION as u32 {
+            return Err(PciAddressError::Function(func));
+        }
+        Ok(PciAddress {
+            segment: seg as u16,
+            bus: bus as u8,
+            device: dev as u8,
+            function: func as u8,
+        })
+    }
+}
+
+/// Which functions a domain is given. Every field that is present must match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceMatch {
+    /// Exactly this function.
+    Address(PciAddress),
+    /// Every function with this vendor id and, if given, device id.
+    Id { vendor: u16, device: Option<u16> },
+    /// Every function with this base class and, if given, subclass and programming interface.
+    Class {
+        base: u8,
+        sub: Option<u8>,
+        prog_if: Option<u8>,
+    },
+}
+
+/// Why a device match was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceMatchError {
+    /// Device or function number out of range.
+    BadAddress(PciAddress),
+    /// Vendor id 0xffff is what an absent function reads as; it matches nothing real.
+    AbsentVendor,
+    /// A programming interface without a subclass is ambiguous.
+    ProgIfWithoutSub,
+}
+
+impl fmt::Display for DeviceMatchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceMatchError::BadAddress(a) => write!(
+                f,
+                "PCI address {:02x}:{:02x}.{}: device must be 0..=0x1f, function 0..=7",
+                a.bus, a.device, a.function
+            ),
+            DeviceMatchError::AbsentVendor => {
+                write!(
+                    f,
+                    "vendor id 0xffff means \"no function\" and matches nothing"
+                )
+            }
+            DeviceMatchError::ProgIfWithoutSub => {
+                write!(f, "a class match with prog_if needs a subclass")
+            }
+        }
+    }
+}
+
+/// What a match is compared with: one enumerated function's identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FunctionId {
+    pub address: PciAddress,
+    pub vendor: u16,
+    pub device: u16,
+    /// Base class, subclass, programming interface.
+    pub class: [u8; 3],
+}
+
+impl DeviceMatch {
+    /// Check the ranges a deserialised match could violate.
+    pub fn validate(&self) -> Result<(), DeviceMatchError> {
+        match *self {
+            DeviceMatch::Address(a) if !a.is_valid() => Err(DeviceMatchError::BadAddress(a)),
+            DeviceMatch::Id { vendor: 0xffff, .. } => Err(DeviceMatchError::AbsentVendor),
+            DeviceMatch::Class {
+                sub: None,
+                prog_if: Some(_),
+                ..
+            } => Err(DeviceMatchError::ProgIfWithoutSub),
+            _ => Ok(()),
+        }
+    }
+
+    /// Does this match select `f`?
+    pub fn matches(&self, f: &FunctionId) -> bool {
+        match *self {
+            DeviceMatch::Address(a) => a == f.address,
+            DeviceMatch::Id { vendor, device } => {
+                vendor == f.vendor && device.is_none_or(|d| d == f.device)
+            }
+            DeviceMatch::Class { base, sub, prog_if } => {
+                base == f.class[0]
+                    && sub.is_none_or(|s| s == f.class[1])
+                    && prog_if.is_none_or(|p| p == f.class[2])
+            }
+        }
+    }
+}
+
+/// One device grant in a domain's spec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceAssignment {
+    pub select: DeviceMatch,
+    /// Let the device master the bus even when no IOMMU confines its DMA. This trusts the
+    /// domain with all of memory; only for machines without an IOMMU.
+    pub insecure_dma: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn virtio_blk() -> FunctionId {
+        FunctionId {
+            address: PciAddress::new(0, 0, 3, 0).unwrap(),
+            vendor: 0x1af4,
+            device: 0x1001,
+            class: [1, 0, 0],
+        }
+    }
+
+    #[test]
+    fn address_parses_with_and_without_segment_and_round_trips() {
+        let a: PciAddress = "0000:00:03.0".parse().unwrap();
+        assert_eq!(a, PciAddress::new(0, 0, 3, 0).unwrap());
+        assert_eq!(
+            "1f:1f.7".parse::<PciAddress>().unwrap().to_string(),
+            "0000:1f:1f.7"
+        );
+        assert_eq!(a.requester_id(), 0x18);
+    }
+
+    #[test]
+    fn address_parse_refuses_out_of_range_and_garbage() {
+        assert_eq!(
+            "00:20.0".parse::<PciAddress>(),
+            Err(PciAddressError::Device(0x20))
+        );
+        assert_eq!(
+            "00:03.8".parse::<PciAddress>(),
+            Err(PciAddressError::Function(8))
+        );
+        for bad in [
+            "",
+            "00:03",
+            "0:0:0:0.0",
+            "100:00.0",
+            "00:03.",
+            "zz:00.0",
+            "00:03.00",
+        ] {
+            assert_eq!(
+                bad.parse::<PciAddress>(),
+                Err(PciAddressError::Syntax),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn match_by_address_id_and_class() {
+        let f = virtio_blk();
+        assert!(DeviceMatch::Address(f.address).matches(&f));
+        assert!(!DeviceMatch::Address(PciAddress::new(0, 0, 4, 0).unwrap()).matches(&f));
+        assert!(
+            DeviceMatch::Id {
+                vendor: 0x1af4,
+                device: None
+            }
+            .matches(&f)
+        );
+        assert!(
+            DeviceMatch::Id {
+                vendor: 0x1af4,
+                device: Some(0x1001)
+            }
+            .matches(&f)
+        );
+        assert!(
+            !DeviceMatch::Id {
+                vendor: 0x1af4,
+                device: Some(0x1000)
+            }
+            .matches(&f)
+        );
+        assert!(
+            DeviceMatch::Class {
+                base: 1,
+                sub: Some(0),
+                prog_if: None
+            }
+            .matches(&f)
+        );
+        assert!(
+            !DeviceMatch::Class {
+                base: 2,
+                sub: None,
+                prog_if: None
+            }
+            .matches(&f)
+        );
+    }
+
+    #[test]
+    fn validate_refuses_bad_fields() {
+        let bad = PciAddress {
+            segment: 0,
+            bus: 0,
+            device: 40,
+            function: 0,
+        };
+        assert_eq!(
+            DeviceMatch::Address(bad).validate(),
+            Err(DeviceMatchError::BadAddress(bad))
+        );
+        assert_eq!(
+            DeviceMatch::Id {
+                vendor: 0xffff,
+                device: None
+            }
+            .validate(),
+            Err(DeviceMatchError::AbsentVendor)
+        );
+        assert_eq!(
+            DeviceMatch::Class {
+                base: 1,
+                sub: None,
+                prog_if: Some(1)
+            }
+            .validate(),
+            Err(DeviceMatchError::ProgIfWithoutSub)
+        );
+        assert_eq!(
+            DeviceMatch::Id {
+                vendor: 0x8086,
+                device: None
+            }
+            .validate(),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn assignment_round_trips_through_postcard() {
+        let a = DeviceAssignment {
+            select: DeviceMatch::Class {
+                base: 2,
+                sub: Some(0),
+                prog_if: None,
+            },
+            insecure_dma: false,
+        };
+        let bytes = postcard::to_allocvec(&a).unwrap();
+        assert_eq!(postcard::from_bytes::<DeviceAssignment>(&bytes).unwrap(), a);
+    }
+}
