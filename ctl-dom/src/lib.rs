@@ -1,6 +1,647 @@
-//! ctl-dom: the toolstack domain.
+//! ctl-dom: the toolstack engine. It answers management requests ([`Toolstack::handle`]),
+//! builds and destroys domains through a [`Platform`] (the hypervisor's domctl and the
+//! xenstore client in the domain; an in-memory fake on the host), writes the xenstore
+//! entries that connect frontends to backends, and applies the `on_poweroff` / `on_reboot`
+//! / `on_crash` policies when a domain dies ([`Toolstack::domain_died`]).
 //!
-//! Not built yet: this crate holds no code until the toolstack issue lands. It exists so the
-//! workspace layout is the architecture from day one.
+//! Invariants:
+//! - Every config is re-validated here ([`DomainConfig::validate`]) and checked against
+//!   policy (no run-time grant of [`RUNTIME_FORBIDDEN_CAPS`]) and against the system
+//!   (backends exist, name unused) before the builder runs: a refused create builds nothing.
+//! - If the builder succeeds but a later step fails, the domain is destroyed again and its
+//!   xenstore entries removed: nothing half-built remains.
+//! - A domain's record (config, kernel, devices) lives here exactly as long as the domain,
+//!   or until a restart replaces it.
 #![forbid(unsafe_code)]
-#![no_std]
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
+mod server;
+pub mod xenstore_layout;
+
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use shared_abi::DomId;
+use shared_abi::capability::Capabilities;
+use shared_abi::domain_config::{
+    ConfigError, DiskSpec, DomainConfig, LifecycleAction, RUNTIME_FORBIDDEN_CAPS, VifSpec,
+};
+use shared_abi::errno::XenError;
+use shared_abi::mgmt::{
+    DeviceInfo, DomainDetail, DomainRef, DomainSummary, MAX_CHUNK, MgmtError, Reply, RequestBody,
+    RunState,
+};
+
+pub use server::Server;
+
+/// The backend domain a disk or vif uses when its config names none.
+pub const DEFAULT_BLOCK_BACKEND: &str = "blkback";
+pub const DEFAULT_NET_BACKEND: &str = "netback";
+
+/// Xen `SHUTDOWN_*` reasons (`sched.h`).
+pub mod shutdown {
+    pub const POWEROFF: u32 = 0;
+    pub const REBOOT: u32 = 1;
+    pub const SUSPEND: u32 = 2;
+    pub const CRASH: u32 = 3;
+}
+
+/// What the hypervisor reports about one domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HvDomain {
+    pub domid: DomId,
+    pub name: String,
+    pub state: RunState,
+    pub memory_kib: u64,
+    pub maxmem_kib: u64,
+    pub vcpus: u32,
+    pub cpu_time_ns: u64,
+    pub weight: u32,
+    pub cap_percent: u32,
+    pub capabilities: Capabilities,
+}
+
+/// A chunk of a byte log: `(next offset, bytes lost before from, data)`.
+pub type Chunk = (u64, u64, Vec<u8>);
+
+/// What ctl-dom needs from the hypervisor and from xenstore.
+pub trait Platform {
+    fn list(&mut self) -> Result<Vec<HvDomain>, XenError>;
+    /// Build (and start) a domain with the one builder core-hv uses for boot domains.
+    fn create(&mut self, config: &DomainConfig, kernel: &[u8]) -> Result<DomId, XenError>;
+    fn destroy(&mut self, domid: DomId) -> Result<(), XenError>;
+    fn pause(&mut self, domid: DomId) -> Result<(), XenError>;
+    fn unpause(&mut self, domid: DomId) -> Result<(), XenError>;
+    /// Ask the domain to shut down with `reason` (`SCHEDOP_remote_shutdown`).
+    fn shutdown(&mut self, domid: DomId, reason: u32) -> Result<(), XenError>;
+    fn set_sched(&mut self, domid: DomId, weight: u32, cap_percent: u32) -> Result<(), XenError>;
+    fn set_memory(&mut self, domid: DomId, kib: u64) -> Result<(), XenError>;
+    fn console_read(&mut self, domid: DomId, from: u64, max: usize) -> Result<Chunk, XenError>;
+    fn dmesg(&mut self, from: u64, max: usize) -> Result<Chunk, XenError>;
+    /// Tell xenstore a new domain exists (`XS_INTRODUCE`).
+    fn xs_introduce(&mut self, domid: DomId) -> Result<(), XenError>;
+    fn xs_release(&mut self, domid: DomId) -> Result<(), XenError>;
+    fn xs_write(&mut self, path: &str, value: &str) -> Result<(), XenError>;
+    fn xs_rm(&mut self, path: &str) -> Result<(), XenError>;
+}
+
+/// A device the toolstack wired.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Device {
+    info: DeviceInfo,
+    backend: DomId,
+}
+
+/// What ctl-dom keeps about a domain it built.
+#[derive(Clone, Debug)]
+struct Managed {
+    config: DomainConfig,
+    kernel: Vec<u8>,
+    devices: Vec<Device>,
+    restarts: u32,
+    preserved: bool,
+}
+
+/// What [`Toolstack::domain_died`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeathOutcome {
+    Destroyed,
+    Restarted {
+        new_domid: DomId,
+    },
+    Preserved,
+    /// Not a domain this toolstack built: left to whoever owns it.
+    NotManaged,
+    /// The action failed; the domain was destroyed so nothing is left half-alive.
+    RestartFailed(XenError),
+}
+
+/// The toolstack engine.
+pub struct Toolstack<P: Platform> {
+    pub platform: P,
+    managed: BTreeMap<DomId, Managed>,
+}
+
+fn hv(operation: &str) -> impl Fn(XenError) -> MgmtError + '_ {
+    move |e| MgmtError::Hypervisor {
+        operation: operation.to_string(),
+        errno: e.errno(),
+    }
+}
+
+impl<P: Platform> Toolstack<P> {
+    pub fn new(platform: P) -> Self {
+        Toolstack {
+            platform,
+            managed: BTreeMap::new(),
+        }
+    }
+
+    /// Domains this toolstack built and still tracks.
+    pub fn managed_ids(&self) -> Vec<DomId> {
+        self.managed.keys().copied().collect()
+    }
+
+    fn domains(&mut self) -> Result<Vec<HvDomain>, MgmtError> {
+        self.platform.list().map_err(hv("list"))
+    }
+
+    fn find(&mut self, d: &DomainRef) -> Result<HvDomain, MgmtError> {
+        self.domains()?
+            .into_iter()
+            .find(|x| match d {
+                DomainRef::Id(id) => x.domid == *id,
+                DomainRef::Name(n) => &x.name == n,
+            })
+            .ok_or_else(|| MgmtError::UnknownDomain(d.clone()))
+    }
+
+    fn summary(&self, d: HvDomain) -> DomainSummary {
+        let state = match self.managed.get(&d.domid) {
+            Some(m) if m.preserved => RunState::Preserved,
+            _ => d.state,
+        };
+        DomainSummary {
+            domid: d.domid,
+            name: d.name,
+            state,
+            memory_kib: d.memory_kib,
+            maxmem_kib: d.maxmem_kib,
+            vcpus: d.vcpus,
+            cpu_time_ns: d.cpu_time_ns,
+            weight: d.weight,
+            cap_percent: d.cap_percent,
+            capabilities: d.capabilities,
+        }
+    }
+
+    /// Answer one request.
+    pub fn handle(&mut self, body: RequestBody) -> Result<Reply, MgmtError> {
+        match body {
+            RequestBody::Hello => Ok(Reply::Hello {
+                version: shared_abi::mgmt::VERSION,
+                server: "ctl-dom".to_string(),
+            }),
+            RequestBody::List => {
+                let ds = self.domains()?;
+                Ok(Reply::Domains(
+                    ds.into_iter().map(|d| self.summary(d)).collect(),
+                ))
+            }
+            RequestBody::Info(r) => {
+                let d = self.find(&r)?;
+                let m = self.managed.get(&d.domid);
+                let detail = DomainDetail {
+                    on_poweroff: m.map_or(LifecycleAction::Destroy, |m| m.config.on_poweroff),
+                    on_reboot: m.map_or(LifecycleAction::Destroy, |m| m.config.on_reboot),
+                    on_crash: m.map_or(LifecycleAction::Destroy, |m| m.config.on_crash),
+                    restarts: m.map_or(0, |m| m.restarts),
+                    boot_domain: m.is_none(),
+                    devices: m.map_or(Vec::new(), |m| {
+                        m.devices.iter().map(|d| d.info.clone()).collect()
+                    }),
+                    summary: self.summary(d),
+                };
+                Ok(Reply::Info(detail))
+            }
+            RequestBody::Create { config, kernel } => {
+                let domid = self.create(config, kernel, 0)?;
+                Ok(Reply::Created { domid })
+            }
+            RequestBody::Destroy(r) => {
+                let d = self.find(&r)?;
+                self.teardown(d.domid).map_err(hv("destroy"))?;
+                Ok(Reply::Done)
+            }
+            RequestBody::Shutdown(r) | RequestBody::Reboot(r)
+                if matches!(self.find(&r)?.state, RunState::Preserved | RunState::Dying) =>
+            {
+                let d = self.find(&r)?;
+                Err(MgmtError::WrongState {
+                    dom: r,
+                    state: d.state,
+                    operation: "shut down".to_string(),
+                })
+            }
+            RequestBody::Shutdown(r) => {
+                let d = self.find(&r)?;
+                self.platform
+                    .shutdown(d.domid, shutdown::POWEROFF)
+                    .map_err(hv("shutdown"))?;
+                Ok(Reply::Done)
+            }
+            RequestBody::Reboot(r) => {
+                let d = self.find(&r)?;
+                self.platform
+                    .shutdown(d.domid, shutdown::REBOOT)
+                    .map_err(hv("reboot"))?;
+                Ok(Reply::Done)
+            }
+            RequestBody::Pause(r) => {
+                let d = self.find(&r)?;
+                if d.state == RunState::Paused {
+                    return Err(MgmtError::WrongState {
+                        dom: r,
+                        state: d.state,
+                        operation: "pause".to_string(),
+                    });
+                }
+                self.platform.pause(d.domid).map_err(hv("pause"))?;
+                Ok(Reply::Done)
+            }
+            RequestBody::Unpause(r) => {
+                let d = self.find(&r)?;
+                if d.state != RunState::Paused {
+                    return Err(MgmtError::WrongState {
+                        dom: r,
+                        state: d.state,
+                        operation: "unpause".to_string(),
+                    });
+                }
+                self.platform.unpause(d.domid).map_err(hv("unpause"))?;
+                Ok(Reply::Done)
+            }
+            RequestBody::ConsoleRead { dom, from } => {
+                let d = self.find(&dom)?;
+                let (next, lost, data) = self
+                    .platform
+                    .console_read(d.domid, from, MAX_CHUNK)
+                    .map_err(hv("console"))?;
+                Ok(Reply::Chunk { next, lost, data })
+            }
+            RequestBody::Dmesg { from } => {
+                let (next, lost, data) =
+                    self.platform.dmesg(from, MAX_CHUNK).map_err(hv("dmesg"))?;
+                Ok(Reply::Chunk { next, lost, data })
+            }
+            RequestBody::MemSet { dom, kib } => {
+                let d = self.find(&dom)?;
+                if !(shared_abi::manifest::MIN_MEMORY_KIB..=d.maxmem_kib).contains(&kib) {
+                    return Err(ConfigError::new(
+                        "memory",
+                        format!("{kib} KiB"),
+                        format!(
+                            "{}..={} KiB (the domain's maxmem)",
+                            shared_abi::manifest::MIN_MEMORY_KIB,
+                            d.maxmem_kib
+                        ),
+                    )
+                    .into());
+                }
+                self.platform
+                    .set_memory(d.domid, kib)
+                    .map_err(hv("mem-set"))?;
+                let path = format!("/local/domain/{}/memory/target", d.domid);
+                self.platform
+                    .xs_write(&path, &format!("{kib}"))
+                    .map_err(hv("mem-set"))?;
+                Ok(Reply::Done)
+            }
+            RequestBody::SchedCredit {
+                dom,
+                weight,
+                cap_percent,
+            } => {
+                let d = self.find(&dom)?;
+                let w = weight.unwrap_or(d.weight);
+                let c = cap_percent.unwrap_or(d.cap_percent);
+                if !(1..=shared_abi::manifest::MAX_WEIGHT).contains(&w) {
+                    return Err(ConfigError::new("weight", w, "1..=65535").into());
+                }
+                if c > 100 * d.vcpus {
+                    return Err(ConfigError::new(
+                        "cap",
+                        c,
+                        format!("0..={} (100 per vcpu, 0 = uncapped)", 100 * d.vcpus),
+                    )
+                    .into());
+                }
+                if weight.is_some() || cap_percent.is_some() {
+                    self.platform
+                        .set_sched(d.domid, w, c)
+                        .map_err(hv("sched-credit"))?;
+                }
+                Ok(Reply::Sched {
+                    weight: w,
+                    cap_percent: c,
+                })
+            }
+            RequestBody::BlockAttach { dom, disk } => self.attach_disk(&dom, disk),
+            RequestBody::BlockDetach { dom, vdev } => {
+                let d = self.find(&dom)?;
+                self.detach(
+                    d.domid,
+                    &dom,
+                    |i| matches!(i, DeviceInfo::Disk { spec, .. } if spec.vdev == vdev),
+                    &vdev,
+                )
+            }
+            RequestBody::NetworkAttach { dom, vif } => self.attach_vif(&dom, vif),
+            RequestBody::NetworkDetach { dom, devid } => {
+                let d = self.find(&dom)?;
+                self.detach(
+                    d.domid,
+                    &dom,
+                    |i| matches!(i, DeviceInfo::Vif { devid: x, .. } if *x == devid),
+                    &format!("vif {devid}"),
+                )
+            }
+        }
+    }
+
+    fn backend_id(
+        &self,
+        all: &[HvDomain],
+        name: Option<&String>,
+        default: &str,
+        field: String,
+    ) -> Result<DomId, MgmtError> {
+        let want = name.map_or(default, |s| s.as_str());
+        all.iter()
+            .find(|d| d.name == want && d.state != RunState::Dying)
+            .map(|d| d.domid)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    field,
+                    format!("{want:?}"),
+                    "the name of a running backend domain",
+                )
+                .into()
+            })
+    }
+
+    /// Check, build, introduce, wire. `restarts` carries over on a restart.
+    fn create(
+        &mut self,
+        config: DomainConfig,
+        kernel: Vec<u8>,
+        restarts: u32,
+    ) -> Result<DomId, MgmtError> {
+        config.validate()?;
+        let forbidden = config.capabilities & RUNTIME_FORBIDDEN_CAPS;
+        if !forbidden.is_empty() {
+            let names: Vec<&str> = Capabilities::NAMES
+                .iter()
+                .filter(|(_, c)| forbidden.contains(*c))
+                .map(|(n, _)| *n)
+                .collect();
+            return Err(MgmtError::RefusedByPolicy {
+                operation: "create".to_string(),
+                reason: format!(
+                    "capabilities {} cannot be granted to a domain built at run time",
+                    names.join(", ")
+                ),
+            });
+        }
+        let all = self.domains()?;
+        if all.iter().any(|d| d.name == config.name) {
+            return Err(MgmtError::NameInUse(config.name));
+        }
+        // Resolve every backend before building, so a bad one builds nothing.
+        let mut disk_backends = Vec::new();
+        for (i, d) in config.disks.iter().enumerate() {
+            disk_backends.push(self.backend_id(
+                &all,
+                d.backend.as_ref(),
+                DEFAULT_BLOCK_BACKEND,
+                format!("disk[{i}].backend"),
+            )?);
+        }
+        let mut vif_backends = Vec::new();
+        for (i, v) in config.vifs.iter().enumerate() {
+            vif_backends.push(self.backend_id(
+                &all,
+                v.backend.as_ref(),
+                DEFAULT_NET_BACKEND,
+                format!("vif[{i}].backend"),
+            )?);
+        }
+        let domid = self
+            .platform
+            .create(&config, &kernel)
+            .map_err(hv("create"))?;
+        let mut m = Managed {
+            config: config.clone(),
+            kernel,
+            devices: Vec::new(),
+            restarts,
+            preserved: false,
+        };
+        let wired = (|| -> Result<(), XenError> {
+            self.platform.xs_introduce(domid)?;
+            for (k, v) in xenstore_layout::domain_entries(domid, &config) {
+                self.platform.xs_write(&k, &v)?;
+            }
+            for (i, (d, b)) in config.disks.iter().zip(&disk_backends).enumerate() {
+                let devid = xenstore_layout::vbd_devid(&d.vdev).ok_or(XenError::EINVAL)?;
+                wire(
+                    &mut self.platform,
+                    domid,
+                    *b,
+                    &DeviceInfo::Disk {
+                        devid,
+                        spec: d.clone(),
+                    },
+                )?;
+                m.devices.push(Device {
+                    info: DeviceInfo::Disk {
+                        devid,
+                        spec: d.clone(),
+                    },
+                    backend: *b,
+                });
+                let _ = i;
+            }
+            for (i, (v, b)) in config.vifs.iter().zip(&vif_backends).enumerate() {
+                let mut spec = v.clone();
+                spec.mac
+                    .get_or_insert(xenstore_layout::default_mac(domid, i as u32));
+                let info = DeviceInfo::Vif {
+                    devid: i as u32,
+                    spec,
+                };
+                wire(&mut self.platform, domid, *b, &info)?;
+                m.devices.push(Device { info, backend: *b });
+            }
+            Ok(())
+        })();
+        if let Err(e) = wired {
+            self.managed.insert(domid, m);
+            let _ = self.teardown(domid);
+            return Err(hv("create: xenstore wiring")(e));
+        }
+        self.managed.insert(domid, m);
+        Ok(domid)
+    }
+
+    /// Destroy the domain and remove everything the toolstack wrote for it. Best effort on
+    /// xenstore (a missing node is not an error); the hypervisor's answer is returned.
+    fn teardown(&mut self, domid: DomId) -> Result<(), XenError> {
+        if let Some(m) = self.managed.remove(&domid) {
+            for d in &m.devices {
+                for p in xenstore_layout::device_paths(domid, d.backend, &d.info) {
+                    let _ = self.platform.xs_rm(&p);
+                }
+            }
+        }
+        let r = self.platform.destroy(domid);
+        let _ = self.platform.xs_rm(&format!("/local/domain/{domid}"));
+        let _ = self.platform.xs_release(domid);
+        r
+    }
+
+    fn attach_disk(&mut self, dom: &DomainRef, disk: DiskSpec) -> Result<Reply, MgmtError> {
+        let d = self.find(dom)?;
+        let all = self.domains()?;
+        let m = self
+            .managed
+            .get(&d.domid)
+            .ok_or_else(|| MgmtError::RefusedByPolicy {
+                operation: "block-attach".to_string(),
+                reason: "boot domains' devices are fixed by the manifest".to_string(),
+            })?;
+        let mut cfg = m.config.clone();
+        cfg.disks.push(disk.clone());
+        cfg.validate()?;
+        let b = self.backend_id(
+            &all,
+            disk.backend.as_ref(),
+            DEFAULT_BLOCK_BACKEND,
+            "disk.backend".into(),
+        )?;
+        let devid =
+            xenstore_layout::vbd_devid(&disk.vdev).ok_or(MgmtError::BadRequest("vdev".into()))?;
+        let info = DeviceInfo::Disk { devid, spec: disk };
+        wire(&mut self.platform, d.domid, b, &info).map_err(hv("block-attach"))?;
+        if let Some(m) = self.managed.get_mut(&d.domid) {
+            m.config = cfg;
+            m.devices.push(Device { info, backend: b });
+        }
+        Ok(Reply::Attached { devid })
+    }
+
+    fn attach_vif(&mut self, dom: &DomainRef, mut vif: VifSpec) -> Result<Reply, MgmtError> {
+        let d = self.find(dom)?;
+        let all = self.domains()?;
+        let m = self
+            .managed
+            .get(&d.domid)
+            .ok_or_else(|| MgmtError::RefusedByPolicy {
+                operation: "network-attach".to_string(),
+                reason: "boot domains' devices are fixed by the manifest".to_string(),
+            })?;
+        let devid = m
+            .devices
+            .iter()
+            .filter_map(|x| match x.info {
+                DeviceInfo::Vif { devid, .. } => Some(devid + 1),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        vif.mac
+            .get_or_insert(xenstore_layout::default_mac(d.domid, devid));
+        let mut cfg = m.config.clone();
+        cfg.vifs.push(vif.clone());
+        cfg.validate()?;
+        let b = self.backend_id(
+            &all,
+            vif.backend.as_ref(),
+            DEFAULT_NET_BACKEND,
+            "vif.backend".into(),
+        )?;
+        let info = DeviceInfo::Vif { devid, spec: vif };
+        wire(&mut self.platform, d.domid, b, &info).map_err(hv("network-attach"))?;
+        if let Some(m) = self.managed.get_mut(&d.domid) {
+            m.config = cfg;
+            m.devices.push(Device { info, backend: b });
+        }
+        Ok(Reply::Attached { devid })
+    }
+
+    fn detach(
+        &mut self,
+        domid: DomId,
+        dom: &DomainRef,
+        matches: impl Fn(&DeviceInfo) -> bool,
+        shown: &str,
+    ) -> Result<Reply, MgmtError> {
+        let no_dev = || MgmtError::NoSuchDevice {
+            dom: dom.clone(),
+            device: shown.to_string(),
+        };
+        let m = self.managed.get_mut(&domid).ok_or_else(no_dev)?;
+        let i = m
+            .devices
+            .iter()
+            .position(|d| matches(&d.info))
+            .ok_or_else(no_dev)?;
+        let dev = m.devices.remove(i);
+        match &dev.info {
+            DeviceInfo::Disk { spec, .. } => m.config.disks.retain(|d| d.vdev != spec.vdev),
+            DeviceInfo::Vif { spec, .. } => m.config.vifs.retain(|v| v.mac != spec.mac),
+        }
+        for p in xenstore_layout::device_paths(domid, dev.backend, &dev.info) {
+            let _ = self.platform.xs_rm(&p);
+        }
+        Ok(Reply::Done)
+    }
+
+    /// The "domain died" event for `domid` with its `SHUTDOWN_*` reason: apply the policy.
+    pub fn domain_died(&mut self, domid: DomId, reason: u32) -> DeathOutcome {
+        let Some(m) = self.managed.get(&domid) else {
+            return DeathOutcome::NotManaged;
+        };
+        let action = match reason {
+            shutdown::POWEROFF => m.config.on_poweroff,
+            shutdown::REBOOT => m.config.on_reboot,
+            // Suspend has no resume path here; anything unknown counts as a crash.
+            _ => m.config.on_crash,
+        };
+        match action {
+            LifecycleAction::Destroy => {
+                let _ = self.teardown(domid);
+                DeathOutcome::Destroyed
+            }
+            LifecycleAction::Preserve => {
+                if let Some(m) = self.managed.get_mut(&domid) {
+                    m.preserved = true;
+                }
+                DeathOutcome::Preserved
+            }
+            LifecycleAction::Restart => {
+                let (config, kernel, restarts) = (m.config.clone(), m.kernel.clone(), m.restarts);
+                let _ = self.teardown(domid);
+                match self.create(config, kernel, restarts.saturating_add(1)) {
+                    Ok(new_domid) => DeathOutcome::Restarted { new_domid },
+                    Err(MgmtError::Hypervisor { errno, .. }) => DeathOutcome::RestartFailed(
+                        XenError::from_errno(errno).unwrap_or(XenError::EINVAL),
+                    ),
+                    Err(_) => DeathOutcome::RestartFailed(XenError::EINVAL),
+                }
+            }
+        }
+    }
+}
+
+/// Write the frontend and backend nodes of one device (state Initialising).
+fn wire<P: Platform>(
+    p: &mut P,
+    domid: DomId,
+    backend: DomId,
+    dev: &DeviceInfo,
+) -> Result<(), XenError> {
+    for (k, v) in xenstore_layout::device_entries(domid, backend, dev) {
+        p.xs_write(&k, &v)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,9 +1,15 @@
-//! hvctl: the host command that will talk to ctl-dom over the management channel.
-//!
-//! Not built yet (toolstack issue). It says so instead of pretending.
+//! hvctl: manage Bulkhead domains from the host (see `hvctl --help`).
 #![forbid(unsafe_code)]
 
+use clap::Parser;
+
 fn main() {
-    eprintln!("hvctl: the management channel to ctl-dom does not exist yet; nothing to talk to");
-    std::process::exit(2);
+    let cli = hvctl::Cli::parse();
+    let status = hvctl::run(
+        cli,
+        &mut hvctl::connect_socket,
+        &mut std::io::stdout().lock(),
+        &mut std::io::stderr().lock(),
+    );
+    std::process::exit(status);
 }

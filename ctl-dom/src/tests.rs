@@ -1,0 +1,353 @@
+//! Engine tests against the fake platform.
+
+use super::*;
+use crate::fake::FakePlatform;
+use shared_abi::domain_config::{DiskAccess, DiskSpec, VifSpec};
+use shared_abi::mgmt::{self, Request, Response};
+
+fn ts() -> Toolstack<FakePlatform> {
+    Toolstack::new(FakePlatform::with_boot_domains())
+}
+
+fn cfg(name: &str) -> DomainConfig {
+    let mut c = DomainConfig::new(name, 16384);
+    c.disks.push(DiskSpec {
+        target: "vol0".into(),
+        vdev: "xvda".into(),
+        access: DiskAccess::ReadWrite,
+        backend: None,
+    });
+    c.vifs.push(VifSpec {
+        mac: None,
+        ip: Some([10, 0, 0, 2]),
+        rate_bytes_per_sec: None,
+        backend: None,
+    });
+    c
+}
+
+const ELF: &[u8] = b"\x7fELF-kernel";
+
+fn create(t: &mut Toolstack<FakePlatform>, c: DomainConfig) -> Result<DomId, MgmtError> {
+    match t.handle(RequestBody::Create {
+        config: c,
+        kernel: ELF.to_vec(),
+    })? {
+        Reply::Created { domid } => Ok(domid),
+        r => panic!("{r:?}"),
+    }
+}
+
+#[test]
+fn create_builds_introduces_and_wires_devices() {
+    let mut t = ts();
+    let id = create(&mut t, cfg("web")).unwrap();
+    let p = &t.platform;
+    assert!(p.domains.contains_key(&id));
+    assert_eq!(p.introduced, vec![id]);
+    assert_eq!(
+        p.store.get(&format!("/local/domain/{id}/name")).unwrap(),
+        "web"
+    );
+    assert_eq!(
+        p.store
+            .get(&format!("/local/domain/{id}/device/vbd/51712/backend-id"))
+            .unwrap(),
+        "2"
+    );
+    assert_eq!(
+        p.store
+            .get(&format!("/local/domain/3/backend/vif/{id}/0/frontend-id"))
+            .unwrap(),
+        &id.to_string()
+    );
+    assert!(
+        p.store
+            .contains_key(&format!("/local/domain/{id}/device/vif/0/mac"))
+    );
+}
+
+#[test]
+fn destroy_removes_domain_and_every_xenstore_entry() {
+    let mut t = ts();
+    let id = create(&mut t, cfg("web")).unwrap();
+    t.handle(RequestBody::Destroy(DomainRef::Name("web".into())))
+        .unwrap();
+    assert!(!t.platform.domains.contains_key(&id));
+    let me = format!("/{id}");
+    assert!(
+        t.platform.store.keys().all(|k| !k.contains(&me)),
+        "{:?}",
+        t.platform.store
+    );
+    assert!(t.platform.introduced.is_empty());
+}
+
+#[test]
+fn forbidden_capability_is_refused_by_policy_and_nothing_built() {
+    let mut t = ts();
+    let mut c = cfg("evil");
+    c.capabilities = Capabilities::DOMAIN_CONTROL;
+    let e = create(&mut t, c).unwrap_err();
+    assert!(matches!(e, MgmtError::RefusedByPolicy { .. }), "{e:?}");
+    assert_eq!(t.platform.domains.len(), 4);
+    assert!(t.platform.store.is_empty());
+}
+
+#[test]
+fn invalid_config_is_revalidated_and_refused_before_building() {
+    let mut t = ts();
+    let mut c = cfg("x");
+    c.vcpus = 0;
+    let e = create(&mut t, c).unwrap_err();
+    assert!(
+        matches!(&e, MgmtError::InvalidConfig(ce) if ce.field == "vcpus"),
+        "{e:?}"
+    );
+    assert_eq!(t.platform.domains.len(), 4);
+}
+
+#[test]
+fn missing_backend_is_named_and_nothing_built() {
+    let mut t = ts();
+    let mut c = cfg("x");
+    c.disks[0].backend = Some("nosuch".into());
+    let e = create(&mut t, c).unwrap_err();
+    assert!(
+        matches!(&e, MgmtError::InvalidConfig(ce) if ce.field == "disk[0].backend"),
+        "{e:?}"
+    );
+    assert_eq!(t.platform.domains.len(), 4);
+}
+
+#[test]
+fn duplicate_name_is_refused() {
+    let mut t = ts();
+    create(&mut t, cfg("web")).unwrap();
+    assert_eq!(
+        create(&mut t, cfg("web")),
+        Err(MgmtError::NameInUse("web".into()))
+    );
+}
+
+#[test]
+fn builder_refusal_is_a_hypervisor_error_with_errno() {
+    let mut t = ts();
+    let e = t
+        .handle(RequestBody::Create {
+            config: cfg("x"),
+            kernel: b"MZ".to_vec(),
+        })
+        .unwrap_err();
+    assert_eq!(
+        e,
+        MgmtError::Hypervisor {
+            operation: "create".into(),
+            errno: XenError::ENOEXEC.errno()
+        }
+    );
+}
+
+#[test]
+fn failed_xenstore_wiring_destroys_the_half_built_domain() {
+    let mut t = ts();
+    t.platform.fail_xs_write = Some(XenError::ENOSPC);
+    let e = create(&mut t, cfg("x")).unwrap_err();
+    assert!(matches!(e, MgmtError::Hypervisor { .. }));
+    assert_eq!(t.platform.domains.len(), 4, "half-built domain destroyed");
+    assert!(t.managed_ids().is_empty());
+    assert!(t.platform.introduced.is_empty());
+}
+
+#[test]
+fn unknown_domain_is_typed() {
+    let mut t = ts();
+    for body in [
+        RequestBody::Destroy(DomainRef::Id(99)),
+        RequestBody::Info(DomainRef::Name("ghost".into())),
+        RequestBody::Pause(DomainRef::Id(99)),
+    ] {
+        assert!(matches!(t.handle(body), Err(MgmtError::UnknownDomain(_))));
+    }
+}
+
+#[test]
+fn on_crash_restart_rebuilds_with_same_config_and_counts() {
+    let mut t = ts();
+    let mut c = cfg("svc");
+    c.on_crash = LifecycleAction::Restart;
+    let id = create(&mut t, c).unwrap();
+    let out = t.domain_died(id, shutdown::CRASH);
+    let DeathOutcome::Restarted { new_domid } = out else {
+        panic!("{out:?}")
+    };
+    assert_ne!(new_domid, id);
+    assert!(!t.platform.domains.contains_key(&id));
+    match t
+        .handle(RequestBody::Info(DomainRef::Name("svc".into())))
+        .unwrap()
+    {
+        Reply::Info(d) => {
+            assert_eq!(d.summary.domid, new_domid);
+            assert_eq!(d.restarts, 1);
+            assert_eq!(d.devices.len(), 2);
+        }
+        r => panic!("{r:?}"),
+    }
+}
+
+#[test]
+fn on_crash_destroy_and_preserve() {
+    let mut t = ts();
+    let mut c = cfg("a");
+    c.on_crash = LifecycleAction::Destroy;
+    let a = create(&mut t, c).unwrap();
+    assert_eq!(t.domain_died(a, shutdown::CRASH), DeathOutcome::Destroyed);
+    assert!(!t.platform.domains.contains_key(&a));
+
+    let mut c = cfg("b");
+    c.on_crash = LifecycleAction::Preserve;
+    let b = create(&mut t, c).unwrap();
+    assert_eq!(t.domain_died(b, shutdown::CRASH), DeathOutcome::Preserved);
+    match t.handle(RequestBody::List).unwrap() {
+        Reply::Domains(ds) => {
+            let d = ds.iter().find(|d| d.domid == b).unwrap();
+            assert_eq!(d.state, RunState::Preserved);
+        }
+        r => panic!("{r:?}"),
+    }
+    t.handle(RequestBody::Destroy(DomainRef::Id(b))).unwrap();
+    assert!(!t.platform.domains.contains_key(&b));
+}
+
+#[test]
+fn poweroff_uses_on_poweroff_not_on_crash() {
+    let mut t = ts();
+    let mut c = cfg("a");
+    c.on_crash = LifecycleAction::Restart;
+    let a = create(&mut t, c).unwrap();
+    assert_eq!(
+        t.domain_died(a, shutdown::POWEROFF),
+        DeathOutcome::Destroyed
+    );
+    assert_eq!(t.domain_died(1, shutdown::CRASH), DeathOutcome::NotManaged);
+}
+
+#[test]
+fn restart_that_fails_leaves_nothing_behind() {
+    let mut t = ts();
+    let mut c = cfg("a");
+    c.on_crash = LifecycleAction::Restart;
+    let a = create(&mut t, c).unwrap();
+    t.platform.fail_create = Some(XenError::ENOMEM);
+    assert_eq!(
+        t.domain_died(a, shutdown::CRASH),
+        DeathOutcome::RestartFailed(XenError::ENOMEM)
+    );
+    assert_eq!(t.platform.domains.len(), 4);
+}
+
+#[test]
+fn sched_credit_and_mem_set_check_ranges() {
+    let mut t = ts();
+    let id = create(&mut t, cfg("a")).unwrap();
+    let r = t.handle(RequestBody::SchedCredit {
+        dom: DomainRef::Id(id),
+        weight: Some(512),
+        cap_percent: None,
+    });
+    assert_eq!(
+        r,
+        Ok(Reply::Sched {
+            weight: 512,
+            cap_percent: 0
+        })
+    );
+    let e = t
+        .handle(RequestBody::SchedCredit {
+            dom: DomainRef::Id(id),
+            weight: None,
+            cap_percent: Some(200),
+        })
+        .unwrap_err();
+    assert!(matches!(&e, MgmtError::InvalidConfig(c) if c.field == "cap"));
+    let e = t
+        .handle(RequestBody::MemSet {
+            dom: DomainRef::Id(id),
+            kib: 1 << 30,
+        })
+        .unwrap_err();
+    assert!(matches!(&e, MgmtError::InvalidConfig(c) if c.field == "memory"));
+}
+
+#[test]
+fn block_attach_and_detach_round_trip() {
+    let mut t = ts();
+    let id = create(&mut t, cfg("a")).unwrap();
+    let disk = DiskSpec {
+        target: "vol1".into(),
+        vdev: "xvdb".into(),
+        access: DiskAccess::ReadOnly,
+        backend: None,
+    };
+    let r = t.handle(RequestBody::BlockAttach {
+        dom: DomainRef::Id(id),
+        disk: disk.clone(),
+    });
+    assert_eq!(r, Ok(Reply::Attached { devid: 51728 }));
+    let again = t.handle(RequestBody::BlockAttach {
+        dom: DomainRef::Id(id),
+        disk,
+    });
+    assert!(
+        matches!(again, Err(MgmtError::InvalidConfig(_))),
+        "duplicate vdev"
+    );
+    t.handle(RequestBody::BlockDetach {
+        dom: DomainRef::Id(id),
+        vdev: "xvdb".into(),
+    })
+    .unwrap();
+    assert!(
+        !t.platform
+            .store
+            .contains_key(&format!("/local/domain/{id}/device/vbd/51728/state"))
+    );
+    let e = t.handle(RequestBody::BlockDetach {
+        dom: DomainRef::Id(id),
+        vdev: "xvdb".into(),
+    });
+    assert!(matches!(e, Err(MgmtError::NoSuchDevice { .. })));
+}
+
+#[test]
+fn server_answers_each_request_with_its_id_and_bad_frames_with_id_zero() {
+    let mut s = Server::new(FakePlatform::with_boot_domains());
+    let mut input = mgmt::encode_request(&Request {
+        id: 41,
+        body: RequestBody::List,
+    })
+    .unwrap();
+    let mut bad = mgmt::encode_request(&Request {
+        id: 42,
+        body: RequestBody::List,
+    })
+    .unwrap();
+    bad[4] = 9; // another protocol version
+    input.extend(bad);
+    let out = s.receive(&input);
+    let mut d = mgmt::FrameDecoder::new();
+    d.push(&out);
+    let mut resps: Vec<Response> = Vec::new();
+    while let Some(f) = d.next_frame() {
+        resps.push(mgmt::decode_response(&f.unwrap()).unwrap());
+    }
+    assert_eq!(resps.len(), 2);
+    assert_eq!(resps[0].id, 41);
+    assert!(matches!(resps[0].result, Ok(Reply::Domains(ref v)) if v.len() == 4));
+    assert_eq!(resps[1].id, 0);
+    assert!(matches!(
+        resps[1].result,
+        Err(MgmtError::VersionMismatch { got: 9, .. })
+    ));
+}

@@ -1,0 +1,254 @@
+//! hvctl against a fake server: ctl-dom's engine over the in-memory platform, on one end of
+//! a unix socket pair, speaking the real framed protocol.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::thread;
+use std::time::Duration;
+
+use clap::Parser;
+use ctl_dom::Server;
+use ctl_dom::fake::FakePlatform;
+use hvctl::client::{Client, ClientError};
+use hvctl::{Cli, exit, run};
+
+/// Serve until the client hangs up.
+fn serve(mut s: UnixStream) {
+    let mut server = Server::new(FakePlatform::with_boot_domains());
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let out = server.receive(&buf[..n]);
+                if s.write_all(&out).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Run hvctl with `args` against a fresh fake system; (status, stdout, stderr).
+fn hv(args: &[&str]) -> (i32, String, String) {
+    let mut argv = vec!["hvctl"];
+    argv.extend_from_slice(args);
+    let cli = Cli::try_parse_from(argv).unwrap();
+    let (a, b) = UnixStream::pair().unwrap();
+    let t = thread::spawn(move || serve(b));
+    let mut a = Some(a);
+    let mut connect = |_: Option<&std::path::Path>, to: Duration| -> Result<Client, ClientError> {
+        Ok(Client::over(a.take().unwrap(), to))
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let status = run(cli, &mut connect, &mut out, &mut err);
+    // Hang up if the command never connected, so the server thread ends.
+    drop(a);
+    t.join().unwrap();
+    (
+        status,
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(err).unwrap(),
+    )
+}
+
+fn config_dir(body: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("g.elf"), b"\x7fELF kernel").unwrap();
+    std::fs::write(
+        dir.path().join("g.toml"),
+        format!("name = \"guest\"\nkernel = \"g.elf\"\nmemory = 32\n{body}"),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn list_prints_a_table_with_every_domain() {
+    let (st, out, _) = hv(&["list"]);
+    assert_eq!(st, exit::OK);
+    assert!(out.starts_with("Name"));
+    for n in ["xenstore", "ctl-dom", "blkback", "netback"] {
+        assert!(out.contains(n), "{out}");
+    }
+}
+
+#[test]
+fn list_json_is_parseable_with_capability_names() {
+    let (st, out, _) = hv(&["list", "--json"]);
+    assert_eq!(st, exit::OK);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 4);
+    assert_eq!(v[1]["name"], "ctl-dom");
+    assert_eq!(v[1]["capabilities"][0], "domain_control");
+}
+
+#[test]
+fn create_from_config_prints_the_new_domid() {
+    let dir = config_dir("disk = [\"vol0,xvda,w\"]\non_crash = \"restart\"\n");
+    let cfg = dir.path().join("g.toml");
+    let (st, out, err) = hv(&["create", cfg.to_str().unwrap(), "--json"]);
+    assert_eq!(st, exit::OK, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["domid"], 4);
+}
+
+#[test]
+fn bad_config_exits_2_naming_the_field_and_sends_nothing() {
+    let dir = config_dir("vcpus = 64\n");
+    let cfg = dir.path().join("g.toml");
+    let cli = Cli::try_parse_from(["hvctl", "create", cfg.to_str().unwrap()]).unwrap();
+    let mut connect = |_: Option<&std::path::Path>, _: Duration| -> Result<Client, ClientError> {
+        panic!("a bad config must not reach the system")
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let st = run(cli, &mut connect, &mut out, &mut err);
+    let err = String::from_utf8(err).unwrap();
+    assert_eq!(st, exit::USAGE);
+    assert!(
+        err.contains("vcpus") && err.contains("64") && err.contains("1..=32"),
+        "{err}"
+    );
+}
+
+#[test]
+fn policy_refusal_exits_1_with_the_reason() {
+    let dir = config_dir("capabilities = [\"domain_control\"]\n");
+    let cfg = dir.path().join("g.toml");
+    let (st, _, err) = hv(&["create", cfg.to_str().unwrap()]);
+    assert_eq!(st, exit::FAILED);
+    assert!(
+        err.contains("refused by policy") && err.contains("domain_control"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_domain_exits_4_for_every_verb() {
+    for args in [
+        &["info", "ghost"][..],
+        &["destroy", "ghost"],
+        &["shutdown", "99"],
+        &["reboot", "ghost"],
+        &["pause", "ghost"],
+        &["unpause", "ghost"],
+        &["console", "ghost"],
+        &["mem-set", "ghost", "64"],
+        &["sched-credit", "-d", "ghost"],
+        &["block-attach", "ghost", "vol,xvdb,r"],
+        &["block-detach", "ghost", "xvdb"],
+        &["network-attach", "ghost"],
+        &["network-detach", "ghost", "0"],
+    ] {
+        let (st, _, err) = hv(args);
+        assert_eq!(st, exit::NOT_FOUND, "{args:?}: {err}");
+        assert!(err.contains("unknown domain"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn verbs_on_a_boot_domain_succeed_or_say_why() {
+    assert_eq!(hv(&["pause", "blkback"]).0, exit::OK);
+    let (st, _, err) = hv(&["unpause", "blkback"]);
+    assert_eq!(
+        st,
+        exit::FAILED,
+        "unpause of a running domain is a wrong-state error"
+    );
+    assert!(err.contains("cannot unpause"), "{err}");
+    assert_eq!(hv(&["shutdown", "2"]).0, exit::OK);
+    assert_eq!(hv(&["reboot", "2"]).0, exit::OK);
+    let (st, out, _) = hv(&["sched-credit", "-d", "2", "-w", "512", "--json"]);
+    assert_eq!(st, exit::OK);
+    assert!(out.contains("512"));
+    let (st, _, err) = hv(&["block-attach", "2", "vol,xvdb,r"]);
+    assert_eq!(st, exit::FAILED, "{err}");
+    assert_eq!(hv(&["destroy", "netback"]).0, exit::OK);
+}
+
+#[test]
+fn info_dmesg_console_and_top_print_something_real() {
+    let (st, out, _) = hv(&["info", "ctl-dom"]);
+    assert_eq!(st, exit::OK);
+    assert!(
+        out.contains("domain_control") && out.contains("at boot"),
+        "{out}"
+    );
+    let (st, out, _) = hv(&["dmesg"]);
+    assert_eq!(st, exit::OK);
+    assert!(out.contains("core-hv booted"));
+    let (st, out, _) = hv(&["console", "--no-follow", "1"]);
+    assert_eq!((st, out.as_str()), (exit::OK, ""));
+    let (st, out, _) = hv(&["top", "--delay", "0", "--json"]);
+    assert_eq!(st, exit::OK);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn bad_arguments_exit_2_before_connecting() {
+    for args in [
+        &["mem-set", "x", "lots"][..],
+        &["block-attach", "x", "vol"],
+        &["network-attach", "x", "mac=zz"],
+    ] {
+        let cli = Cli::try_parse_from([&["hvctl"][..], args].concat()).unwrap();
+        let mut connect = |_: Option<&std::path::Path>,
+                           _: Duration|
+         -> Result<Client, ClientError> { panic!("must not connect") };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        assert_eq!(
+            run(cli, &mut connect, &mut out, &mut err),
+            exit::USAGE,
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn unreachable_system_exits_3() {
+    let cli = Cli::try_parse_from(["hvctl", "list", "--socket", "/nonexistent/mgmt.sock"]).unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let st = run(cli, &mut hvctl::connect_socket, &mut out, &mut err);
+    assert_eq!(st, exit::UNREACHABLE);
+    assert!(String::from_utf8(err).unwrap().contains("not reachable"));
+}
+
+#[test]
+fn silent_server_times_out_with_exit_3() {
+    let (a, _b) = UnixStream::pair().unwrap();
+    let mut c = Client::over(a, Duration::from_millis(50));
+    let e = c.call(shared_abi::mgmt::RequestBody::List).unwrap_err();
+    assert!(matches!(e, ClientError::Timeout(_)));
+    assert_eq!(hvctl::Failure::from(e).status, exit::UNREACHABLE);
+}
+
+#[test]
+fn help_documents_every_verb_and_exit_statuses() {
+    let help = Cli::try_parse_from(["hvctl", "--help"])
+        .unwrap_err()
+        .to_string();
+    for verb in [
+        "list",
+        "info",
+        "create",
+        "destroy",
+        "shutdown",
+        "reboot",
+        "pause",
+        "unpause",
+        "console",
+        "mem-set",
+        "sched-credit",
+        "block-attach",
+        "block-detach",
+        "network-attach",
+        "network-detach",
+        "top",
+        "dmesg",
+    ] {
+        assert!(help.contains(verb), "{verb} missing from --help");
+    }
+    assert!(help.contains("Exit status"));
+}
