@@ -13,5 +13,6 @@ pub mod domain;
 pub mod evtchn;
 pub mod gnttab;
 pub mod mm;
+pub mod pci;
 pub mod policy;
 pub mod sched;

@@ -396,6 +396,8 @@ extern "C" fn bsp_main(ctx: &'static BspContext) -> ! {
         "{} APs started; {cpus} CPUs online, {ticking} taking timer ticks",
         started
     );
+    super::pci::init(ctx.info.rsdp_paddr);
+    super::iommu::init(ctx.info.rsdp_paddr);
 
     let now = cpu::rdtsc();
     let us = now.wrapping_sub(ctx.boot_tsc) * 1000 / apic::tsc_khz().max(1);
