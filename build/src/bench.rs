@@ -1,18 +1,21 @@
 //! Benchmark results: one map from metric name to `{ value, unit, samples, note }`, printed as
 //! a table and written as JSON by `cargo hv bench --json FILE`.
 //!
-//! Sources: the boot figures (measured by `commands::bench` from QEMU runs), every criterion
-//! benchmark found under `target/criterion` that this run refreshed, and any
+//! Sources: the boot figures (measured by `commands::bench` from QEMU runs), the in-QEMU
+//! benchmark systems ([`QEMU_BENCHES`]: booted several times each, every boot's `METRIC`
+//! lines gathered by [`boot_values`] and reduced to medians by [`summarize_boots`]), every
+//! criterion benchmark found under `target/criterion` that this run refreshed, and any
 //! `METRIC <name> <value> <unit>` line a bench program printed.
 //!
 //! Names are stable: a criterion benchmark is named by its id (`bench_function("x")` → `x`,
 //! `group/function` otherwise), except that a group holding a single benchmark is named after
-//! the group, so a metric can be a group with one `Throughput`-carrying function.
+//! the group, so a metric can be a group with one `Throughput`-carrying function. An in-QEMU
+//! metric is named exactly as its `METRIC` line names it.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -43,6 +46,227 @@ pub fn median(values: &[f64]) -> Option<f64> {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     })
+}
+
+/// True if the metric `name` is selected by `filter` (a substring of the name).
+pub fn selected(name: &str, filter: Option<&str>) -> bool {
+    filter.is_none_or(|f| name.contains(f))
+}
+
+/// A system booted under QEMU with `exit_when_done` whose domains (or `core-hv` itself) print
+/// `METRIC` lines: each boot must power off cleanly, fail no `RESULT` and print every metric
+/// of [`QemuBench::metrics`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QemuBench {
+    /// The system file's stem, under `systems/`.
+    pub system: &'static str,
+    /// `-smp`: the figures depend on it (same-CPU vs cross-CPU ping-pong, one CPU so a yield
+    /// always switches domains).
+    pub smp: u32,
+    /// Boots measured when `--boots` allows as many (each boot is one sample).
+    pub boots: u32,
+    /// Kill a boot that runs longer than this.
+    pub time_limit: Duration,
+    /// The metrics every boot must print, named exactly as the `METRIC` lines name them.
+    pub metrics: &'static [&'static str],
+}
+
+impl QemuBench {
+    /// The system file, relative to the workspace root.
+    pub fn path(&self) -> String {
+        format!("systems/{}.toml", self.system)
+    }
+
+    /// True if any of the bench's metrics is selected: the whole system boots, and the
+    /// report keeps only the selected metrics.
+    pub fn selected(&self, filter: Option<&str>) -> bool {
+        self.metrics.iter().any(|m| selected(m, filter))
+    }
+}
+
+/// Machine memory of an in-QEMU benchmark boot (as in the scenarios these systems mirror).
+pub const QEMU_BENCH_MEMORY_MIB: u32 = 512;
+
+/// The in-QEMU benchmark systems, in the order `cargo hv bench` boots them.
+pub const QEMU_BENCHES: &[QemuBench] = &[
+    // Issue 3: PV domains. About 3 s per boot (the yielder runs to 3 s of uptime).
+    QemuBench {
+        system: "pv-bench",
+        smp: 1,
+        boots: 5,
+        time_limit: Duration::from_secs(120),
+        metrics: &[
+            "hypercall_null_cycles",
+            "domain_switch_cycles",
+            "domain_build_ms",
+        ],
+    },
+    // Issue 4: event channels, grants and the shared ring on one CPU. About 1 s per boot.
+    QemuBench {
+        system: "evtchn-bench",
+        smp: 1,
+        boots: 7,
+        time_limit: Duration::from_secs(120),
+        metrics: &[
+            "evtchn_pingpong_same_cpu_cycles",
+            "gnttab_map_unmap_cycles",
+            "gnttab_copy_4k_cycles_batch1",
+            "gnttab_copy_4k_cycles_batch16",
+            "gnttab_copy_4k_cycles_batch64",
+            "ring_requests_per_s",
+        ],
+    },
+    // Issue 4: the ping-pong pair on two CPUs. Under a second per boot.
+    QemuBench {
+        system: "evtchn-bench-smp2",
+        smp: 2,
+        boots: 7,
+        time_limit: Duration::from_secs(120),
+        metrics: &["evtchn_pingpong_cross_cpu_cycles"],
+    },
+];
+
+/// One metric as one boot printed it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BootValue {
+    /// The median of the boot's lines for the metric (`domain_build_ms` is printed once per
+    /// domain built; most metrics once).
+    pub value: f64,
+    pub unit: String,
+    /// How many lines the boot printed for it.
+    pub lines: usize,
+}
+
+/// Every wanted metric of one boot, by name.
+pub type BootValues = BTreeMap<String, BootValue>;
+
+/// Why a boot's or a system's figures were refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BootMetricError {
+    #[error("no `METRIC {name}` line")]
+    Missing { name: String },
+    #[error("`METRIC {name}` lines disagree on the unit: {first:?} and {other:?}")]
+    UnitsDisagree {
+        name: String,
+        first: String,
+        other: String,
+    },
+    #[error("`METRIC {name}` is not a finite number: {value}")]
+    NotFinite { name: String, value: String },
+    #[error("boot {boot}: {source}")]
+    InBoot {
+        boot: usize,
+        source: Box<BootMetricError>,
+    },
+    #[error("no boots to summarise")]
+    NoBoots,
+}
+
+/// The wanted metrics of one boot's console `METRIC` lines. Lines of other names are ignored;
+/// a wanted metric that is missing, not finite, or printed in two units is an error (the boot
+/// did not measure what it should have).
+pub fn boot_values(
+    lines: &[MetricLine<'_>],
+    wanted: &[&str],
+) -> Result<BootValues, BootMetricError> {
+    let mut out = BootValues::new();
+    for &name in wanted {
+        let mine: Vec<&MetricLine<'_>> = lines.iter().filter(|m| m.name == name).collect();
+        let Some(first) = mine.first() else {
+            return Err(BootMetricError::Missing { name: name.into() });
+        };
+        let mut values = Vec::with_capacity(mine.len());
+        for m in &mine {
+            if m.unit != first.unit {
+                return Err(BootMetricError::UnitsDisagree {
+                    name: name.into(),
+                    first: first.unit.into(),
+                    other: m.unit.into(),
+                });
+            }
+            if !m.value.is_finite() {
+                return Err(BootMetricError::NotFinite {
+                    name: name.into(),
+                    value: m.value.to_string(),
+                });
+            }
+            values.push(m.value);
+        }
+        // Non-empty and all finite, so there is a median.
+        let Some(value) = median(&values) else {
+            return Err(BootMetricError::Missing { name: name.into() });
+        };
+        out.insert(
+            name.into(),
+            BootValue {
+                value,
+                unit: first.unit.into(),
+                lines: mine.len(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// The figures of a system's boots: per metric, the median over the boots (`samples` = the
+/// number of boots). `how` describes the machine for the note.
+pub fn summarize_boots(
+    bench: &QemuBench,
+    boots: &[BootValues],
+    how: &str,
+) -> Result<Metrics, BootMetricError> {
+    if boots.is_empty() {
+        return Err(BootMetricError::NoBoots);
+    }
+    let mut out = Metrics::new();
+    for &name in bench.metrics {
+        let mut values = Vec::with_capacity(boots.len());
+        let mut unit: Option<&str> = None;
+        let mut most_lines = 0;
+        for (i, b) in boots.iter().enumerate() {
+            let in_boot = |source| BootMetricError::InBoot {
+                boot: i + 1,
+                source: Box::new(source),
+            };
+            let Some(v) = b.get(name) else {
+                return Err(in_boot(BootMetricError::Missing { name: name.into() }));
+            };
+            match unit {
+                Some(u) if u != v.unit => {
+                    return Err(in_boot(BootMetricError::UnitsDisagree {
+                        name: name.into(),
+                        first: u.into(),
+                        other: v.unit.clone(),
+                    }));
+                }
+                _ => unit = Some(&v.unit),
+            }
+            most_lines = most_lines.max(v.lines);
+            values.push(v.value);
+        }
+        let Some(value) = median(&values) else {
+            return Err(BootMetricError::Missing { name: name.into() });
+        };
+        let per_boot = if most_lines > 1 {
+            format!("; each boot's value the median of its {most_lines} lines")
+        } else {
+            String::new()
+        };
+        out.insert(
+            name.into(),
+            Metric {
+                value,
+                unit: unit.unwrap_or_default().into(),
+                samples: boots.len() as u64,
+                note: format!(
+                    "median of {} boots of {} ({how}){per_boot}",
+                    boots.len(),
+                    bench.path()
+                ),
+            },
+        );
+    }
+    Ok(out)
 }
 
 #[derive(Deserialize)]
@@ -235,7 +459,8 @@ pub fn table(metrics: &Metrics) -> String {
     out
 }
 
-fn format_value(v: f64) -> String {
+/// A value as the table shows it (no float noise like `7.792999999999999`).
+pub fn format_value(v: f64) -> String {
     if v.abs() >= 1000.0 {
         format!("{v:.0}")
     } else if v.abs() >= 10.0 {
@@ -372,6 +597,198 @@ mod tests {
         assert_eq!(m.len(), 1);
         assert_eq!(m["grant_pages_per_domain"].value, 512.0);
         assert_eq!(m["grant_pages_per_domain"].unit, "pages");
+    }
+
+    fn lines(text: &str) -> Vec<MetricLine<'_>> {
+        text.lines().filter_map(MetricLine::parse).collect()
+    }
+
+    const PV: &QemuBench = &QEMU_BENCHES[0];
+
+    #[test]
+    fn boot_values_take_the_wanted_metrics_and_the_median_of_repeats() {
+        let text = "bulkhead: domain 1 (bench) running\n\
+                    METRIC domain_build_ms 3.000 ms\n\
+                    METRIC domain_build_ms 5.000 ms\n\
+                    (bench) METRIC hypercall_null_cycles 812 cycles\n\
+                    METRIC unrelated 1 x\n\
+                    (bench) METRIC domain_switch_cycles 4100 cycles\n";
+        let v = boot_values(&lines(text), PV.metrics).unwrap();
+        assert_eq!(v.len(), 3);
+        assert_eq!(
+            v["domain_build_ms"],
+            BootValue {
+                value: 4.0,
+                unit: "ms".into(),
+                lines: 2
+            }
+        );
+        assert_eq!(v["hypercall_null_cycles"].value, 812.0);
+        assert_eq!(v["hypercall_null_cycles"].lines, 1);
+        assert_eq!(v["domain_switch_cycles"].unit, "cycles");
+        assert!(!v.contains_key("unrelated"));
+    }
+
+    #[test]
+    fn boot_values_refuse_a_missing_metric_and_mixed_units() {
+        let e = boot_values(
+            &lines("METRIC hypercall_null_cycles 9 cycles\n"),
+            PV.metrics,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            BootMetricError::Missing {
+                name: "domain_switch_cycles".into()
+            }
+        );
+        assert_eq!(e.to_string(), "no `METRIC domain_switch_cycles` line");
+        let e = boot_values(
+            &lines("METRIC domain_build_ms 3 ms\nMETRIC domain_build_ms 3000 us\n"),
+            &["domain_build_ms"],
+        )
+        .unwrap_err();
+        assert!(matches!(e, BootMetricError::UnitsDisagree { .. }), "{e}");
+        let e = boot_values(&lines("METRIC x inf cycles\n"), &["x"]).unwrap_err();
+        assert!(matches!(e, BootMetricError::NotFinite { .. }), "{e}");
+    }
+
+    fn boot(pairs: &[(&str, f64, &str)]) -> BootValues {
+        pairs
+            .iter()
+            .map(|&(n, value, unit)| {
+                (
+                    n.to_string(),
+                    BootValue {
+                        value,
+                        unit: unit.into(),
+                        lines: 1,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn boots_summarise_to_medians_with_the_boot_count_as_samples() {
+        let smp2 = QEMU_BENCHES
+            .iter()
+            .find(|b| b.system == "evtchn-bench-smp2")
+            .unwrap();
+        let name = "evtchn_pingpong_cross_cpu_cycles";
+        let boots: Vec<BootValues> = [900.0, 300.0, 500.0, 700.0, 100.0]
+            .iter()
+            .map(|&v| boot(&[(name, v, "cycles")]))
+            .collect();
+        let m = summarize_boots(smp2, &boots, "q35, TCG, -smp 2").unwrap();
+        assert_eq!(m.len(), 1);
+        let f = &m[name];
+        assert_eq!((f.value, f.unit.as_str(), f.samples), (500.0, "cycles", 5));
+        assert_eq!(
+            f.note,
+            "median of 5 boots of systems/evtchn-bench-smp2.toml (q35, TCG, -smp 2)"
+        );
+    }
+
+    #[test]
+    fn summarising_refuses_no_boots_a_gap_and_a_unit_change_naming_the_boot() {
+        let smp2 = &QEMU_BENCHES[2];
+        let name = smp2.metrics[0];
+        assert_eq!(
+            summarize_boots(smp2, &[], "x").unwrap_err(),
+            BootMetricError::NoBoots
+        );
+        let boots = [boot(&[(name, 1.0, "cycles")]), boot(&[])];
+        let e = summarize_boots(smp2, &boots, "x").unwrap_err();
+        assert_eq!(e.to_string(), format!("boot 2: no `METRIC {name}` line"));
+        let boots = [boot(&[(name, 1.0, "cycles")]), boot(&[(name, 1.0, "ns")])];
+        let e = summarize_boots(smp2, &boots, "x").unwrap_err();
+        assert!(e.to_string().starts_with("boot 2: "), "{e}");
+    }
+
+    #[test]
+    fn repeated_lines_per_boot_are_named_in_the_note() {
+        let mut b = boot(&[
+            ("hypercall_null_cycles", 800.0, "cycles"),
+            ("domain_switch_cycles", 4000.0, "cycles"),
+            ("domain_build_ms", 3.0, "ms"),
+        ]);
+        b.get_mut("domain_build_ms").unwrap().lines = 2;
+        let m = summarize_boots(PV, &[b], "q35").unwrap();
+        assert!(
+            m["domain_build_ms"]
+                .note
+                .ends_with("each boot's value the median of its 2 lines"),
+            "{}",
+            m["domain_build_ms"].note
+        );
+        assert!(!m["hypercall_null_cycles"].note.contains("lines"));
+    }
+
+    #[test]
+    fn every_issue_metric_has_exactly_one_bench_system_and_the_filter_picks_systems() {
+        let all: Vec<&str> = QEMU_BENCHES
+            .iter()
+            .flat_map(|b| b.metrics)
+            .copied()
+            .collect();
+        let mut want = vec![
+            "hypercall_null_cycles",
+            "domain_switch_cycles",
+            "domain_build_ms",
+            "evtchn_pingpong_same_cpu_cycles",
+            "evtchn_pingpong_cross_cpu_cycles",
+            "gnttab_map_unmap_cycles",
+            "gnttab_copy_4k_cycles_batch1",
+            "gnttab_copy_4k_cycles_batch16",
+            "gnttab_copy_4k_cycles_batch64",
+            "ring_requests_per_s",
+        ];
+        let mut got = all.clone();
+        got.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(got, want);
+        let chosen = |f| {
+            QEMU_BENCHES
+                .iter()
+                .filter(|b| b.selected(Some(f)))
+                .map(|b| b.system)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(chosen("gnttab_copy"), ["evtchn-bench"]);
+        assert_eq!(chosen("pingpong"), ["evtchn-bench", "evtchn-bench-smp2"]);
+        assert_eq!(chosen("cross_cpu"), ["evtchn-bench-smp2"]);
+        assert_eq!(chosen("cycles").len(), 3);
+        assert!(chosen("boot_to_ready").is_empty());
+        assert_eq!(QEMU_BENCHES.iter().filter(|b| b.selected(None)).count(), 3);
+    }
+
+    #[test]
+    fn shipped_bench_systems_are_valid_and_run_the_domains_that_print_their_metrics() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for b in QEMU_BENCHES {
+            let s = crate::system::load(&root.join(b.path())).unwrap();
+            assert!(!s.domains.is_empty(), "{}", b.system);
+            for &m in b.metrics {
+                // A domain names its metric on its command line (`metric=`), or its role
+                // prints it; core-hv prints domain_build_ms for every domain it builds.
+                let role = match m {
+                    "hypercall_null_cycles" | "domain_switch_cycles" => "role=bench",
+                    "domain_build_ms" => "role=",
+                    g if g.starts_with("gnttab_") => "role=bench-mapper",
+                    _ => "",
+                };
+                let printed_by_domain = s.domains.iter().any(|d| {
+                    let words: Vec<&str> = d.cmdline.split_whitespace().collect();
+                    words.contains(&format!("metric={m}").as_str())
+                        || (!role.is_empty()
+                            && words
+                                .iter()
+                                .any(|w| *w == role || (role == "role=" && w.starts_with(role))))
+                });
+                assert!(printed_by_domain, "{}: nothing prints {m}", b.system);
+            }
+        }
     }
 
     #[test]

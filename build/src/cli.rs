@@ -52,8 +52,8 @@ pub enum Command {
     /// Run every crate's host tests, then the QEMU scenarios.
     #[command(after_help = TEST_ABOUT)]
     Test(TestArgs),
-    /// Run the benchmarks (boot time under QEMU, every crate's criterion benches) and print a
-    /// table.
+    /// Run the benchmarks (boot time under QEMU, the in-QEMU benchmark systems
+    /// systems/*bench*.toml, every crate's criterion benches) and print a table.
     Bench(BenchArgs),
 }
 
@@ -105,7 +105,8 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
     /// Run only the benchmarks whose name contains FILTER
     pub filter: Option<String>,
-    /// Boots measured for the boot figures (the median is reported)
+    /// Boots measured for the boot figures, and at most this many of each benchmark system
+    /// (the median is reported)
     #[arg(long, value_name = "N", default_value_t = 7, value_parser = value_parser!(u32).range(1..=101))]
     pub boots: u32,
 }

@@ -7,9 +7,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 
-use crate::bench::{self, Metric, Metrics};
+use crate::bench::{self, Metric, Metrics, QemuBench};
 use crate::cli::{BenchArgs, Cli, Command, ImageArgs, RunArgs, TestArgs};
 use crate::image::{self, BuiltImage};
 use crate::outcome::{Outcome, exit_code};
@@ -378,10 +378,7 @@ fn test_cmd(ws: &Workspace, a: TestArgs) -> Result<u8> {
     Ok(if failed { exit_code::FAILURE } else { 0 })
 }
 
-/// True if the metric `name` is selected by `filter`.
-pub fn selected(name: &str, filter: Option<&str>) -> bool {
-    filter.is_none_or(|f| name.contains(f))
-}
+pub use crate::bench::selected;
 
 pub const BOOT_TO_READY: &str = "boot_to_ready_ms";
 pub const BOOT_QEMU_WALL: &str = "boot_qemu_wall_ms";
@@ -460,6 +457,89 @@ fn boot_benchmarks(ws: &Workspace, boots: u32, metrics: &mut Metrics) -> Result<
     Ok(())
 }
 
+/// Boot one in-QEMU benchmark system up to `max_boots` times (its own count at most) and
+/// return its figures. A boot that does not power off cleanly, fails a `RESULT`, or misses a
+/// metric fails the whole system: a partial figure would be a wrong one.
+fn qemu_bench(ws: &Workspace, b: &QemuBench, max_boots: u32) -> Result<Metrics> {
+    let qemu_path = setup::ensure_qemu()?;
+    let system = load_system(ws, Some(ws.root.join(b.path())))?;
+    let built = build_image(ws, &system, &ws.out_dir())?;
+    let cfg = QemuConfig {
+        qemu: qemu_path,
+        kernel: built.core_hv,
+        initrd: Some(built.image),
+        smp: b.smp,
+        memory_mib: bench::QEMU_BENCH_MEMORY_MIB,
+        append: vec![shared_abi::console::cmdline::EXIT_WHEN_DONE.to_string()],
+    };
+    let boots = b.boots.min(max_boots).max(1);
+    eprintln!("hv: {boots} boots of: {}", cfg.command_line());
+    let mut samples = Vec::new();
+    for i in 1..=boots {
+        check_interrupted()?;
+        let run = qemu::run(&cfg, Some(b.time_limit), |_| {})?;
+        let outcome = Outcome::classify(run.ending);
+        let judged = run.console.judge_results();
+        if outcome != Outcome::CleanPoweroff || !judged.failed.is_empty() {
+            bail!(
+                "boot {i}: {outcome}; failed RESULTs: {:?}; last console lines:\n{}{}",
+                judged.failed,
+                run.console.tail(20),
+                run.stderr
+            );
+        }
+        let values = bench::boot_values(&run.console.metrics(), b.metrics).map_err(|e| {
+            anyhow!(
+                "boot {i}: {e}; last console lines:\n{}",
+                run.console.tail(20)
+            )
+        })?;
+        let shown: Vec<String> = values
+            .iter()
+            .map(|(n, v)| format!("{n} {} {}", bench::format_value(v.value), v.unit))
+            .collect();
+        eprintln!(
+            "hv: {} boot {i}/{boots} ({:.1} s): {}",
+            b.system,
+            run.wall.as_secs_f64(),
+            shown.join(", ")
+        );
+        samples.push(values);
+    }
+    let how = format!(
+        "q35, TCG, -smp {}, -m {}M",
+        b.smp,
+        bench::QEMU_BENCH_MEMORY_MIB
+    );
+    Ok(bench::summarize_boots(b, &samples, &how)?)
+}
+
+/// Every in-QEMU benchmark system the filter selects; one that fails is reported and the
+/// others still run. The error lists the systems that failed.
+fn qemu_benchmarks(
+    ws: &Workspace,
+    filter: Option<&str>,
+    max_boots: u32,
+    metrics: &mut Metrics,
+) -> Result<()> {
+    let mut failed = Vec::new();
+    for b in bench::QEMU_BENCHES.iter().filter(|b| b.selected(filter)) {
+        check_interrupted()?;
+        eprintln!("\nhv: benchmark system {}", b.path());
+        match qemu_bench(ws, b, max_boots) {
+            Ok(m) => metrics.extend(m),
+            Err(e) => {
+                eprintln!("hv: error: {}: {e:#}", b.path());
+                failed.push(b.path());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("benchmark system(s) failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
 fn criterion_benchmarks(ws: &Workspace, filter: Option<&str>, metrics: &mut Metrics) -> Result<()> {
     // File times have coarse granularity on some filesystems: allow a little slack.
     let since = SystemTime::now() - Duration::from_secs(2);
@@ -500,12 +580,16 @@ fn criterion_benchmarks(ws: &Workspace, filter: Option<&str>, metrics: &mut Metr
 fn bench_cmd(ws: &Workspace, a: BenchArgs) -> Result<u8> {
     let filter = a.filter.as_deref();
     let mut metrics = Metrics::new();
-    if selected(BOOT_TO_READY, filter) || selected(BOOT_QEMU_WALL, filter) {
-        boot_benchmarks(ws, a.boots, &mut metrics)?;
-    }
+    // A failing boot, benchmark system or `cargo bench` (a crate that does not build) must
+    // not lose the other figures: report what was measured, then fail.
+    let boot = if selected(BOOT_TO_READY, filter) || selected(BOOT_QEMU_WALL, filter) {
+        boot_benchmarks(ws, a.boots, &mut metrics).context("boot figures")
+    } else {
+        Ok(())
+    };
     check_interrupted()?;
-    // A failing `cargo bench` (a crate that does not build) must not lose the boot figures:
-    // report what was measured, then fail.
+    let in_qemu = qemu_benchmarks(ws, filter, a.boots, &mut metrics);
+    check_interrupted()?;
     let criterion = criterion_benchmarks(ws, filter, &mut metrics);
     check_interrupted()?;
     // Bench programs may ignore the filter; the report does not.
@@ -516,11 +600,15 @@ fn bench_cmd(ws: &Workspace, a: BenchArgs) -> Result<u8> {
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("hv: wrote {} metrics to {}", metrics.len(), path.display());
     }
-    if let Err(e) = criterion {
+    let mut failed = false;
+    for e in [boot, in_qemu, criterion]
+        .into_iter()
+        .filter_map(Result::err)
+    {
         eprintln!("hv: error: {e:#}");
-        return Ok(exit_code::FAILURE);
+        failed = true;
     }
-    Ok(0)
+    Ok(if failed { exit_code::FAILURE } else { 0 })
 }
 
 #[cfg(test)]

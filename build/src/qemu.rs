@@ -144,6 +144,17 @@ fn ending_of(status: ExitStatus) -> Ending {
 pub fn run(
     cfg: &QemuConfig,
     timeout: Option<Duration>,
+    on_line: impl FnMut(&str),
+) -> io::Result<Run> {
+    run_with_args(cfg, &[], timeout, on_line)
+}
+
+/// [`run`] with `extra` QEMU arguments after the project's own (devices a scenario needs,
+/// e.g. `-device intel-iommu` and a disk).
+pub fn run_with_args(
+    cfg: &QemuConfig,
+    extra: &[String],
+    timeout: Option<Duration>,
     mut on_line: impl FnMut(&str),
 ) -> io::Result<Run> {
     if interrupted() {
@@ -157,6 +168,7 @@ pub fn run(
     let mut qemu = GroupChild::spawn(
         Command::new(&cfg.qemu)
             .args(cfg.args())
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),

@@ -19,6 +19,11 @@
 //! cap = 0                          # optional, percent of one CPU, 0..=100*vcpus, 0 = uncapped
 //! capabilities = ["xenstore_service"]
 //! cmdline = ""                     # optional, at most 1024 bytes
+//! # optional, at most 16 entries, needs the device_owner capability; each entry names exactly
+//! # one of bdf ([segment:]bus:device.function), id ("vendor" or "vendor:device", hex) or
+//! # class ("base", "base.sub" or "base.sub.prog_if", hex). insecure_dma (default false) lets
+//! # the device master the bus when no IOMMU confines it.
+//! devices = [{ id = "1af4:1001" }, { bdf = "00:03.0", insecure_dma = false }]
 //! ```
 
 use std::fmt;
@@ -30,6 +35,7 @@ use shared_abi::manifest::{
     Blob, DomainSpec, MAX_BOOT_DOMAINS, MAX_CMDLINE_LEN, MAX_MEMORY_KIB, MAX_NAME_LEN, MAX_VCPUS,
     MAX_WEIGHT, MIN_MEMORY_KIB,
 };
+use shared_abi::pci::{DeviceAssignment, DeviceMatch, MAX_DEVICE_MATCHES, PciAddress};
 
 /// Default credit-scheduler weight (Xen's default too).
 pub const DEFAULT_WEIGHT: u32 = 256;
@@ -64,6 +70,8 @@ pub struct DomainConfig {
     pub cap_percent: u32,
     pub capabilities: Capabilities,
     pub cmdline: String,
+    /// The PCI functions the domain owns.
+    pub devices: Vec<DeviceAssignment>,
 }
 
 impl DomainConfig {
@@ -78,6 +86,7 @@ impl DomainConfig {
             cap_percent: self.cap_percent,
             capabilities: self.capabilities,
             cmdline: self.cmdline.clone(),
+            devices: self.devices.clone(),
         }
     }
 }
@@ -174,6 +183,18 @@ struct RawDomain {
     capabilities: Vec<String>,
     #[serde(default)]
     cmdline: String,
+    #[serde(default)]
+    devices: Vec<RawDevice>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    bdf: Option<String>,
+    id: Option<String>,
+    class: Option<String>,
+    #[serde(default)]
+    insecure_dma: bool,
 }
 
 /// Read and validate a system file.
@@ -322,6 +343,27 @@ fn validate_domain(place: &Place, d: RawDomain) -> Result<DomainConfig, SystemEr
             allowed: format!("0..={MAX_CMDLINE_LEN} bytes"),
         });
     }
+    if d.devices.len() > MAX_DEVICE_MATCHES {
+        return Err(SystemError::OutOfRange {
+            place: place.clone(),
+            field: "devices length",
+            value: d.devices.len() as i64,
+            allowed: format!("0..={MAX_DEVICE_MATCHES} entries"),
+        });
+    }
+    let devices = d
+        .devices
+        .iter()
+        .map(|raw| validate_device(place, raw))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !devices.is_empty() && !capabilities.contains(Capabilities::DEVICE_OWNER) {
+        return Err(SystemError::Invalid {
+            place: place.clone(),
+            field: "devices",
+            value: format!("{} entries", devices.len()),
+            allowed: "only for a domain with the device_owner capability".into(),
+        });
+    }
     // Every conversion below is in range: each value was checked against a u32/u64 limit.
     Ok(DomainConfig {
         name: d.name,
@@ -333,6 +375,101 @@ fn validate_domain(place: &Place, d: RawDomain) -> Result<DomainConfig, SystemEr
         cap_percent: cap as u32,
         capabilities,
         cmdline: d.cmdline,
+        devices,
+    })
+}
+
+/// Hex field of at most `max_len` digits.
+fn hex_field(t: &str, max_len: usize) -> Option<u32> {
+    if t.is_empty() || t.len() > max_len || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(t, 16).ok()
+}
+
+/// `vvvv` or `vvvv:dddd`.
+fn parse_id(s: &str) -> Option<DeviceMatch> {
+    let (v, d) = match s.split_once(':') {
+        Some((v, d)) => (v, Some(d)),
+        None => (s, None),
+    };
+    let vendor = hex_field(v, 4)? as u16;
+    let device = match d {
+        Some(d) => Some(hex_field(d, 4)? as u16),
+        None => None,
+    };
+    Some(DeviceMatch::Id { vendor, device })
+}
+
+/// `cc`, `cc.ss` or `cc.ss.pp`.
+fn parse_class(s: &str) -> Option<DeviceMatch> {
+    let mut parts = s.split('.');
+    let base = hex_field(parts.next()?, 2)? as u8;
+    let sub = match parts.next() {
+        Some(t) => Some(hex_field(t, 2)? as u8),
+        None => None,
+    };
+    let prog_if = match parts.next() {
+        Some(t) => Some(hex_field(t, 2)? as u8),
+        None => None,
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(DeviceMatch::Class { base, sub, prog_if })
+}
+
+fn validate_device(place: &Place, d: &RawDevice) -> Result<DeviceAssignment, SystemError> {
+    let invalid = |field: &'static str, value: &str, allowed: String| SystemError::Invalid {
+        place: place.clone(),
+        field,
+        value: value.into(),
+        allowed,
+    };
+    let select = match (&d.bdf, &d.id, &d.class) {
+        (Some(b), None, None) => DeviceMatch::Address(
+            b.parse::<PciAddress>()
+                .map_err(|e| invalid("devices.bdf", b, e.to_string()))?,
+        ),
+        (None, Some(i), None) => parse_id(i).ok_or_else(|| {
+            invalid(
+                "devices.id",
+                i,
+                "\"vendor\" or \"vendor:device\", each 1 to 4 hex digits".into(),
+            )
+        })?,
+        (None, None, Some(c)) => parse_class(c).ok_or_else(|| {
+            invalid(
+                "devices.class",
+                c,
+                "\"base\", \"base.sub\" or \"base.sub.prog_if\", each 1 to 2 hex digits".into(),
+            )
+        })?,
+        _ => {
+            let given: Vec<&str> = [("bdf", &d.bdf), ("id", &d.id), ("class", &d.class)]
+                .iter()
+                .filter(|(_, v)| v.is_some())
+                .map(|(n, _)| *n)
+                .collect();
+            return Err(invalid(
+                "devices",
+                &format!("{{ {} }}", given.join(", ")),
+                "each entry names exactly one of bdf, id or class".into(),
+            ));
+        }
+    };
+    let field = match select {
+        DeviceMatch::Address(_) => "devices.bdf",
+        DeviceMatch::Id { .. } => "devices.id",
+        DeviceMatch::Class { .. } => "devices.class",
+    };
+    let value = d.bdf.as_ref().or(d.id.as_ref()).or(d.class.as_ref());
+    select
+        .validate()
+        .map_err(|e| invalid(field, value.map_or("", |v| v.as_str()), e.to_string()))?;
+    Ok(DeviceAssignment {
+        select,
+        insecure_dma: d.insecure_dma,
     })
 }
 
@@ -516,6 +653,95 @@ mod tests {
             parse_str(&text).unwrap_err(),
             SystemError::TooManyDomains { count: 65, .. }
         ));
+    }
+
+    #[test]
+    fn devices_parse_by_bdf_id_and_class() {
+        let s = parse_str(&one_domain(
+            "capabilities = [\"device_owner\"]\ndevices = [{ id = \"1af4:1001\" }, \
+             { bdf = \"00:03.0\", insecure_dma = true }, { id = \"8086\" }, { class = \"01.08\" }]",
+        ))
+        .unwrap();
+        let d = &s.domains[0].devices;
+        assert_eq!(d.len(), 4);
+        assert_eq!(
+            d[0].select,
+            DeviceMatch::Id {
+                vendor: 0x1af4,
+                device: Some(0x1001)
+            }
+        );
+        assert!(!d[0].insecure_dma);
+        assert_eq!(
+            d[1].select,
+            DeviceMatch::Address(PciAddress::new(0, 0, 3, 0).unwrap())
+        );
+        assert!(d[1].insecure_dma);
+        assert_eq!(
+            d[2].select,
+            DeviceMatch::Id {
+                vendor: 0x8086,
+                device: None
+            }
+        );
+        assert_eq!(
+            d[3].select,
+            DeviceMatch::Class {
+                base: 1,
+                sub: Some(8),
+                prog_if: None
+            }
+        );
+        assert_eq!(s.domains[0].spec().devices, *d);
+    }
+
+    #[test]
+    fn bad_device_entries_name_the_field() {
+        let with = |devices: &str| {
+            parse_str(&one_domain(&format!(
+                "capabilities = [\"device_owner\"]\ndevices = [{devices}]"
+            )))
+        };
+        let cases = [
+            ("{ bdf = \"00:20.0\" }", "devices.bdf", "above 0x1f"),
+            (
+                "{ bdf = \"nonsense\" }",
+                "devices.bdf",
+                "bus:device.function",
+            ),
+            ("{ id = \"12345\" }", "devices.id", "1 to 4 hex digits"),
+            ("{ id = \"ffff\" }", "devices.id", "0xffff"),
+            ("{ id = \"1af4:\" }", "devices.id", "vendor:device"),
+            ("{ class = \"01.x\" }", "devices.class", "base.sub"),
+            ("{ class = \"01.00.00.00\" }", "devices.class", "base.sub"),
+            (
+                "{ id = \"1af4\", bdf = \"00:03.0\" }",
+                "devices",
+                "exactly one",
+            ),
+            ("{ insecure_dma = true }", "devices", "exactly one"),
+        ];
+        for (entry, field, text) in cases {
+            let e = with(entry).unwrap_err();
+            assert_eq!(e.field(), Some(field), "{entry}");
+            assert!(e.to_string().contains(text), "{entry}: {e}");
+        }
+        let e = with("{ vendor = \"1af4\" }").unwrap_err();
+        assert!(matches!(e, SystemError::Syntax { .. }), "{e}");
+    }
+
+    #[test]
+    fn devices_need_device_owner_and_at_most_sixteen_entries() {
+        let e = parse_str(&one_domain("devices = [{ id = \"1af4\" }]")).unwrap_err();
+        assert_eq!(e.field(), Some("devices"));
+        assert!(e.to_string().contains("device_owner"), "{e}");
+        let many = vec!["{ id = \"1af4\" }"; MAX_DEVICE_MATCHES + 1].join(", ");
+        let e = parse_str(&one_domain(&format!(
+            "capabilities = [\"device_owner\"]\ndevices = [{many}]"
+        )))
+        .unwrap_err();
+        assert_eq!(e.field(), Some("devices length"));
+        assert!(e.to_string().contains("17 is outside"), "{e}");
     }
 
     #[test]

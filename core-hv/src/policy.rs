@@ -87,10 +87,59 @@ pub fn list(caller: Caller) -> Result<ListToken, XenError> {
     }
 }
 
+/// Authority to learn which domains a xenstore service domain serves, and the port each
+/// offered it (`XENSTORE_DOMAINS`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct XenstoreToken {
+    caller: DomId,
+}
+
+impl XenstoreToken {
+    pub fn caller(&self) -> DomId {
+        self.caller
+    }
+}
+
+/// May `caller` enumerate the domains it serves as xenstore? Needs `XENSTORE_SERVICE`.
+pub fn xenstore_service(caller: Caller) -> Result<XenstoreToken, XenError> {
+    if caller.caps.contains(Capabilities::XENSTORE_SERVICE) {
+        Ok(XenstoreToken {
+            caller: caller.domid,
+        })
+    } else {
+        Err(XenError::EPERM)
+    }
+}
+
 /// May `caller` shut `target` down? Needs `REMOTE_SHUTDOWN`.
 pub fn remote_shutdown(caller: Caller, target: DomId) -> Result<RemoteShutdownToken, XenError> {
     if caller.caps.contains(Capabilities::REMOTE_SHUTDOWN) {
         Ok(RemoteShutdownToken { target })
+    } else {
+        Err(XenError::EPERM)
+    }
+}
+
+/// Authority to reach the configuration space of the PCI functions assigned to `caller`
+/// (which ones is the config filter's business: this says only that the domain may own
+/// devices at all).
+#[derive(Debug, PartialEq, Eq)]
+pub struct DeviceToken {
+    caller: DomId,
+}
+
+impl DeviceToken {
+    pub fn caller(&self) -> DomId {
+        self.caller
+    }
+}
+
+/// May `caller` use the PCI config hypercalls? Needs `DEVICE_OWNER`.
+pub fn device_owner(caller: Caller) -> Result<DeviceToken, XenError> {
+    if caller.caps.contains(Capabilities::DEVICE_OWNER) {
+        Ok(DeviceToken {
+            caller: caller.domid,
+        })
     } else {
         Err(XenError::EPERM)
     }

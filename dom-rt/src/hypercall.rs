@@ -266,6 +266,71 @@ pub fn decrease_reservation(gpfns: &[u64]) -> Result<usize, XenError> {
     change_reservation(memory_op::DECREASE_RESERVATION, gpfns)
 }
 
+/// A PCI function address as the start info lists it (`shared_abi::start_info::PciAddress`).
+fn config_op(
+    dev: shared_abi::start_info::PciAddress,
+    offset: u16,
+    size: u8,
+    value: u32,
+) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    shared_abi::pci::PciConfigOp {
+        segment: dev.segment,
+        bus: dev.bus,
+        devfn: dev.devfn,
+        offset,
+        size,
+        pad: 0,
+        value,
+    }
+    .encode(&mut b);
+    b
+}
+
+/// Read `size` (1, 2, 4) bytes of an assigned function's configuration space
+/// (`physdev_op` `PCI_CONFIG_READ`, needs the `device_owner` capability).
+pub fn pci_config_read(
+    dev: shared_abi::start_info::PciAddress,
+    offset: u16,
+    size: u8,
+) -> Result<u32, XenError> {
+    let mut b = config_op(dev, offset, size, 0);
+    call(
+        hc::PHYSDEV_OP,
+        [
+            shared_abi::pci::physdev::PCI_CONFIG_READ,
+            b.as_mut_ptr() as u64,
+            0,
+            0,
+            0,
+        ],
+    )?;
+    shared_abi::pci::PciConfigOp::decode(&b)
+        .map(|op| op.value)
+        .ok_or(XenError::EFAULT)
+}
+
+/// Write `size` bytes of an assigned function's configuration space (`PCI_CONFIG_WRITE`).
+pub fn pci_config_write(
+    dev: shared_abi::start_info::PciAddress,
+    offset: u16,
+    size: u8,
+    value: u32,
+) -> Result<(), XenError> {
+    let b = config_op(dev, offset, size, value);
+    call(
+        hc::PHYSDEV_OP,
+        [
+            shared_abi::pci::physdev::PCI_CONFIG_WRITE,
+            b.as_ptr() as u64,
+            0,
+            0,
+            0,
+        ],
+    )
+    .map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,7 @@ pub mod gnttab;
 pub mod hypercall;
 pub mod time;
 pub mod xenbus;
+pub mod xs_service;
 
 pub use shared_abi;
 pub use shared_abi::errno::XenError;

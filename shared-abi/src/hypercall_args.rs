@@ -443,6 +443,43 @@ pub mod domctl {
         }
     );
 
+    /// Bulkhead: the domains a xenstore service domain serves (needs `XENSTORE_SERVICE`):
+    /// payload in = [`ListDomains`], whose `buffer` receives [`XenstoreDomain`] records for
+    /// every domain but the caller with id ≥ `first_domain`; returns the number written.
+    pub const XENSTORE_DOMAINS: u32 = 0x4248_0100;
+
+    /// One `XENSTORE_DOMAINS` record: a domain, its lifecycle [`state`], and the unbound
+    /// port it offers the xenstore domain for its ring (`StartInfo::xenstore_evtchn`; 0 =
+    /// none, e.g. built before any xenstore domain).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct XenstoreDomain {
+        pub domid: DomId,
+        pub pad0: u16,
+        pub state: u32,
+        pub port: u32,
+        pub pad1: u32,
+    }
+    assert_layout!(XenstoreDomain, 16; domid @ 0, state @ 4, port @ 8);
+    wire_struct!(
+        XenstoreDomain,
+        16,
+        |r| XenstoreDomain {
+            domid: r.u16(),
+            pad0: r.u16(),
+            state: r.u32(),
+            port: r.u32(),
+            pad1: r.u32()
+        },
+        |s, w| {
+            w.put(&s.domid.to_le_bytes());
+            w.put(&s.pad0.to_le_bytes());
+            for v in [s.state, s.port, s.pad1] {
+                w.put(&v.to_le_bytes());
+            }
+        }
+    );
+
     /// `xen_domctl_scheduler_op` with the credit scheduler's parameters. On `putinfo` a
     /// weight of 0 and a cap of `0xFFFF` mean "leave unchanged", as in Xen.
     #[repr(C)]

@@ -27,9 +27,11 @@ use core::ops::Range;
 use serde::{Deserialize, Serialize};
 
 use crate::capability::Capabilities;
+use crate::pci::{DeviceAssignment, DeviceMatchError, MAX_DEVICE_MATCHES};
 
 pub const IMAGE_MAGIC: [u8; 8] = *b"BULKHEAD";
-pub const IMAGE_VERSION: u32 = 1;
+/// Version 2 added [`DomainSpec::devices`].
+pub const IMAGE_VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 64;
 
 /// Limits on what a manifest may ask for; values outside are refused, not clamped.
@@ -71,6 +73,9 @@ pub struct DomainSpec {
     pub cap_percent: u32,
     pub capabilities: Capabilities,
     pub cmdline: String,
+    /// The PCI functions this domain owns (at most [`MAX_DEVICE_MATCHES`] matches; needs
+    /// [`Capabilities::DEVICE_OWNER`]). Resolved against the enumerated functions at boot.
+    pub devices: Vec<DeviceAssignment>,
 }
 
 /// The manifest: the boot domains, built in order.
@@ -170,6 +175,14 @@ pub enum DomainProblem {
     CmdlineTooLong {
         len: usize,
     },
+    TooManyDevices {
+        count: usize,
+    },
+    Device {
+        index: usize,
+        error: DeviceMatchError,
+    },
+    DevicesWithoutCapability,
 }
 
 impl fmt::Display for ImageError {
@@ -262,6 +275,17 @@ impl fmt::Display for ImageError {
                             "cmdline is {len} bytes, at most {MAX_CMDLINE_LEN} allowed"
                         )
                     }
+                    DomainProblem::TooManyDevices { count } => write!(
+                        f,
+                        "{count} device matches, at most {MAX_DEVICE_MATCHES} allowed"
+                    ),
+                    DomainProblem::Device { index, error } => {
+                        write!(f, "devices[{index}]: {error}")
+                    }
+                    DomainProblem::DevicesWithoutCapability => write!(
+                        f,
+                        "devices are assigned but the domain lacks the device_owner capability"
+                    ),
                 }
             }
         }
@@ -413,6 +437,19 @@ fn validate_manifest(m: &Manifest, payload: Range<u64>) -> Result<(), ImageError
                 len: d.cmdline.len(),
             });
         }
+        if d.devices.len() > MAX_DEVICE_MATCHES {
+            return fail(DomainProblem::TooManyDevices {
+                count: d.devices.len(),
+            });
+        }
+        for (i, dev) in d.devices.iter().enumerate() {
+            if let Err(error) = dev.select.validate() {
+                return fail(DomainProblem::Device { index: i, error });
+            }
+        }
+        if !d.devices.is_empty() && !d.capabilities.contains(Capabilities::DEVICE_OWNER) {
+            return fail(DomainProblem::DevicesWithoutCapability);
+        }
     }
     Ok(())
 }
@@ -490,6 +527,8 @@ mod tests {
     use alloc::vec;
     use proptest::prelude::*;
 
+    use crate::pci::{DeviceMatch, PciAddress};
+
     fn spec(name: &str) -> DomainSpec {
         DomainSpec {
             name: name.into(),
@@ -500,6 +539,7 @@ mod tests {
             cap_percent: 0,
             capabilities: Capabilities::empty(),
             cmdline: String::new(),
+            devices: Vec::new(),
         }
     }
 
@@ -626,6 +666,140 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    fn one_domain_manifest() -> Manifest {
+        let mut m = Manifest {
+            domains: vec![spec("drv")],
+        };
+        m.domains[0].elf = Blob {
+            offset: 4096,
+            len: 1,
+        };
+        m
+    }
+
+    fn blk_by_id() -> DeviceAssignment {
+        DeviceAssignment {
+            select: DeviceMatch::Id {
+                vendor: 0x1af4,
+                device: Some(0x1001),
+            },
+            insecure_dma: false,
+        }
+    }
+
+    #[test]
+    fn devices_round_trip_through_an_image() {
+        let mut s = spec("blk");
+        s.capabilities = Capabilities::DEVICE_OWNER;
+        s.devices = vec![
+            blk_by_id(),
+            DeviceAssignment {
+                select: DeviceMatch::Address(PciAddress::new(0, 0, 3, 0).unwrap()),
+                insecure_dma: true,
+            },
+        ];
+        let elf = vec![1u8; 10];
+        let img = build_image(&[ImageDomain {
+            spec: s.clone(),
+            elf: &elf,
+        }])
+        .unwrap();
+        let parsed = parse_image(&img).unwrap();
+        assert_eq!(parsed.manifest.domains[0].devices, s.devices);
+    }
+
+    #[test]
+    fn too_many_device_matches_are_refused() {
+        let mut m = one_domain_manifest();
+        m.domains[0].capabilities = Capabilities::DEVICE_OWNER;
+        m.domains[0].devices = vec![blk_by_id(); MAX_DEVICE_MATCHES + 1];
+        let e = validate_manifest(&m, 64..8192).unwrap_err();
+        assert_eq!(
+            e,
+            ImageError::Domain {
+                index: 0,
+                problem: DomainProblem::TooManyDevices { count: 17 }
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "manifest domain 0: 17 device matches, at most 16 allowed"
+        );
+        m.domains[0].devices.truncate(MAX_DEVICE_MATCHES);
+        assert_eq!(validate_manifest(&m, 64..8192), Ok(()));
+    }
+
+    #[test]
+    fn invalid_device_match_is_refused_with_its_index() {
+        let mut m = one_domain_manifest();
+        m.domains[0].capabilities = Capabilities::DEVICE_OWNER;
+        let bad = PciAddress {
+            segment: 0,
+            bus: 0,
+            device: 32,
+            function: 0,
+        };
+        m.domains[0].devices = vec![
+            blk_by_id(),
+            DeviceAssignment {
+                select: DeviceMatch::Address(bad),
+                insecure_dma: false,
+            },
+        ];
+        let e = validate_manifest(&m, 64..8192).unwrap_err();
+        assert_eq!(
+            e,
+            ImageError::Domain {
+                index: 0,
+                problem: DomainProblem::Device {
+                    index: 1,
+                    error: DeviceMatchError::BadAddress(bad)
+                }
+            }
+        );
+        assert!(e.to_string().starts_with("manifest domain 0: devices[1]: "));
+        m.domains[0].devices[1].select = DeviceMatch::Id {
+            vendor: 0xffff,
+            device: None,
+        };
+        assert!(matches!(
+            validate_manifest(&m, 64..8192).unwrap_err(),
+            ImageError::Domain {
+                problem: DomainProblem::Device {
+                    index: 1,
+                    error: DeviceMatchError::AbsentVendor
+                },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn devices_without_device_owner_capability_are_refused() {
+        let mut m = one_domain_manifest();
+        m.domains[0].devices = vec![blk_by_id()];
+        assert_eq!(
+            validate_manifest(&m, 64..8192).unwrap_err(),
+            ImageError::Domain {
+                index: 0,
+                problem: DomainProblem::DevicesWithoutCapability
+            }
+        );
+        m.domains[0].capabilities = Capabilities::DEVICE_OWNER;
+        assert_eq!(validate_manifest(&m, 64..8192), Ok(()));
+    }
+
+    #[test]
+    fn version_one_images_are_refused() {
+        let img = two_domain_image();
+        let mut old = img.clone();
+        old[8..12].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(
+            parse_image(&old).unwrap_err(),
+            ImageError::UnsupportedVersion { found: 1 }
+        );
     }
 
     proptest! {

@@ -225,9 +225,112 @@ pub struct DeviceAssignment {
     pub insecure_dma: bool,
 }
 
+/// Bulkhead's `physdev_op` (hypercall 33) sub-ops for a driver domain's PCI configuration
+/// space. Xen has no such op (a PV dom0 reaches config space through port I/O it is simply
+/// allowed); its own `PHYSDEVOP_*` numbers are all below 0x40, so these sit far above them.
+///
+/// Both take a pointer to a [`PciConfigOp`] in the caller's memory. The access goes through
+/// the hypervisor's config filter (`core_hv::pci::filter`): only a domain holding the
+/// `device_owner` capability may call them (`-EPERM` otherwise), and only on functions the
+/// manifest assigned to it (`-ENODEV` for any other function, present or not); a malformed
+/// access (size not 1/2/4, misaligned, past 4 KiB, value wider than the size, non-zero
+/// padding) is `-EINVAL`; a refused write (capability headers, MSI/MSI-X registers, bus
+/// mastering without IOMMU confinement, BARs outside the function's windows) is `-EPERM` or
+/// `-EBUSY`. A read stores the value in `value` (zero-extended); the result is 0.
+pub mod physdev {
+    /// Read `size` bytes at `offset` of the function's configuration space.
+    pub const PCI_CONFIG_READ: u64 = 0x4200;
+    /// Write `value` (`size` bytes) at `offset`.
+    pub const PCI_CONFIG_WRITE: u64 = 0x4201;
+}
+
+/// The argument of [`physdev::PCI_CONFIG_READ`] and [`physdev::PCI_CONFIG_WRITE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PciConfigOp {
+    pub segment: u16,
+    pub bus: u8,
+    /// `device << 3 | function`.
+    pub devfn: u8,
+    pub offset: u16,
+    /// 1, 2 or 4.
+    pub size: u8,
+    /// Must be zero.
+    pub pad: u8,
+    pub value: u32,
+}
+crate::assert_layout!(PciConfigOp, 12; segment @ 0, bus @ 2, devfn @ 3, offset @ 4, size @ 6,
+    pad @ 7, value @ 8);
+
+impl PciConfigOp {
+    /// The function it names (devfn always decodes to a valid device and function).
+    pub const fn address(&self) -> PciAddress {
+        PciAddress {
+            segment: self.segment,
+            bus: self.bus,
+            device: self.devfn >> 3,
+            function: self.devfn & 7,
+        }
+    }
+}
+
+impl crate::hypercall_args::Wire for PciConfigOp {
+    const SIZE: usize = 12;
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() < Self::SIZE {
+            return None;
+        }
+        Some(PciConfigOp {
+            segment: u16::from_le_bytes([b[0], b[1]]),
+            bus: b[2],
+            devfn: b[3],
+            offset: u16::from_le_bytes([b[4], b[5]]),
+            size: b[6],
+            pad: b[7],
+            value: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+        })
+    }
+
+    fn encode(&self, out: &mut [u8]) -> bool {
+        if out.len() < Self::SIZE {
+            return false;
+        }
+        out[0..2].copy_from_slice(&self.segment.to_le_bytes());
+        out[2] = self.bus;
+        out[3] = self.devfn;
+        out[4..6].copy_from_slice(&self.offset.to_le_bytes());
+        out[6] = self.size;
+        out[7] = self.pad;
+        out[8..12].copy_from_slice(&self.value.to_le_bytes());
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hypercall_args::Wire;
+
+    #[test]
+    fn config_op_round_trips_and_names_its_function() {
+        let op = PciConfigOp {
+            segment: 1,
+            bus: 2,
+            devfn: (3 << 3) | 1,
+            offset: 0x104,
+            size: 4,
+            pad: 0,
+            value: 0xdead_beef,
+        };
+        let mut buf = [0u8; 12];
+        assert!(op.encode(&mut buf));
+        assert_eq!(PciConfigOp::decode(&buf), Some(op));
+        assert_eq!(&buf[8..12], &0xdead_beefu32.to_le_bytes());
+        assert_eq!(op.address(), PciAddress::new(1, 2, 3, 1).unwrap());
+        assert_eq!(PciConfigOp::decode(&buf[..11]), None);
+        assert!(!op.encode(&mut buf[..11]));
+    }
 
     fn virtio_blk() -> FunctionId {
         FunctionId {

@@ -105,6 +105,8 @@ pub struct Scenario {
     append: Vec<String>,
     image: ImageChoice,
     timeout: Duration,
+    /// QEMU arguments after the harness's own (devices).
+    qemu_args: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -124,6 +126,7 @@ impl Scenario {
             append: Vec::new(),
             image: ImageChoice::Default,
             timeout: DEFAULT_TIMEOUT,
+            qemu_args: Vec::new(),
         }
     }
 
@@ -160,6 +163,12 @@ impl Scenario {
         self
     }
 
+    /// Add QEMU arguments (after the harness's own), e.g. `["-device", "intel-iommu"]`.
+    pub fn qemu_args(mut self, args: &[&str]) -> Scenario {
+        self.qemu_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
     pub fn timeout(mut self, t: Duration) -> Scenario {
         self.timeout = t;
         self
@@ -192,18 +201,19 @@ impl Scenario {
             memory_mib: self.memory_mib,
             append: self.append.clone(),
         };
-        let run = match qemu::run(&cfg, Some(self.timeout), |_| {}) {
+        let command = if self.qemu_args.is_empty() {
+            cfg.command_line()
+        } else {
+            format!("{} {}", cfg.command_line(), self.qemu_args.join(" "))
+        };
+        let run = match qemu::run_with_args(&cfg, &self.qemu_args, Some(self.timeout), |_| {}) {
             Ok(r) => r,
-            Err(e) => panic!(
-                "scenario {}: {e}\n  command: {}",
-                self.name,
-                cfg.command_line()
-            ),
+            Err(e) => panic!("scenario {}: {e}\n  command: {command}", self.name),
         };
         Boot {
             name: self.name,
             outcome: Outcome::classify(run.ending),
-            command: cfg.command_line(),
+            command,
             run,
         }
     }
@@ -332,6 +342,7 @@ pub mod corrupt {
             cap_percent: 0,
             capabilities: Default::default(),
             cmdline: String::new(),
+            devices: Vec::new(),
         };
         let a = vec![0x7f; 6000];
         let b = vec![0x45; 300];

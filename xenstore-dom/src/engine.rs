@@ -15,8 +15,13 @@
 //! Xen semantics follow C xenstored (`tools/xenstored`); the places where Bulkhead differs
 //! are marked "Bulkhead:".
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use alloc::borrow::ToOwned;
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::sync::Arc;
+use alloc::vec;
+use alloc::vec::Vec;
 
 use shared_abi::DomId;
 use shared_abi::domid::{DOMID_FIRST_RESERVED, DOMID_SELF};
@@ -100,7 +105,7 @@ struct Access {
 
 struct Txn {
     tree: Tree,
-    index: HashMap<Arc<str>, usize>,
+    index: BTreeMap<Arc<str>, usize>,
     list: Vec<(Arc<str>, Access)>,
     /// Change in nodes owned, per domain.
     delta: BTreeMap<DomId, i64>,
@@ -133,7 +138,7 @@ pub struct Engine {
     cfg: Config,
     tree: Tree,
     generation: u64,
-    owned: HashMap<DomId, i64>,
+    owned: BTreeMap<DomId, i64>,
     conns: BTreeMap<ConnId, Conn>,
     next_conn: u64,
     domains: BTreeMap<DomId, Domain>,
@@ -195,7 +200,7 @@ struct Work<'a> {
     generation: u64,
     prior: Option<&'a Txn>,
     new_acc: Vec<(Arc<str>, Access)>,
-    new_idx: HashMap<Arc<str>, usize>,
+    new_idx: BTreeMap<Arc<str>, usize>,
     updates: Vec<(Arc<str>, bool, Option<bool>)>,
     fires: Vec<Fire>,
     delta: BTreeMap<DomId, i64>,
@@ -365,7 +370,7 @@ impl<'a> Work<'a> {
         let mut perms = parent.perms.clone();
         for name in missing.iter().rev() {
             let base = path::basename(name);
-            parent.children.insert(Arc::from(base));
+            parent.children.insert_mut(Arc::from(base));
             parent.children_bytes += base.len() as u32 + 1;
             self.put(&parent_path, parent)?;
             self.check_node_quota()?;
@@ -388,7 +393,7 @@ impl<'a> Work<'a> {
     fn remove_tree(&mut self, root: &str) -> Result<(), XenError> {
         let mut post: Vec<(String, Perms)> = Vec::new();
         let mut stack: Vec<(String, bool)> = vec![(root.to_owned(), false)];
-        let mut nodes: HashMap<String, Arc<Node>> = HashMap::new();
+        let mut nodes: BTreeMap<String, Arc<Node>> = BTreeMap::new();
         while let Some((p, expanded)) = stack.pop() {
             if expanded {
                 if let Some(n) = nodes.remove(&p) {
@@ -411,7 +416,7 @@ impl<'a> Work<'a> {
         if let Some(parent) = self.get(&parent_path)? {
             let mut parent = (*parent).clone();
             let base = path::basename(root);
-            if parent.children.remove(base).is_some() {
+            if parent.children.remove_mut(base) {
                 parent.children_bytes -= base.len() as u32 + 1;
             }
             self.put(&parent_path, parent)?;
@@ -430,7 +435,7 @@ impl Engine {
     pub fn new(cfg: Config) -> Self {
         let generation = 1;
         let tree = Tree::initial(generation);
-        let mut owned = HashMap::new();
+        let mut owned = BTreeMap::new();
         owned.insert(0, tree.len() as i64);
         let mut domains = BTreeMap::new();
         domains.insert(
@@ -510,6 +515,17 @@ impl Engine {
             self.fire_special("@introduceDomain", &mut out);
         }
         (self.new_conn(ConnKind::Domain(domid), domid), out)
+    }
+
+    /// The domain died (the service domain learnt it from the hypervisor): as `RELEASE`
+    /// from a privileged tool — its connections close, the nodes it owns go (firing their
+    /// watches), `@releaseDomain` fires. A domain the engine does not know changes nothing.
+    pub fn release_domain(&mut self, domid: DomId) -> Output {
+        let mut out = Output::default();
+        if domid != 0 && self.domains.contains_key(&domid) {
+            self.release(domid, &mut out);
+        }
+        out
     }
 
     /// The transport lost the connection: its watches and transactions go.
@@ -740,7 +756,7 @@ impl Engine {
                 conn.next_tx = id.wrapping_add(1);
                 let txn = Txn {
                     tree,
-                    index: HashMap::new(),
+                    index: BTreeMap::new(),
                     list: Vec::new(),
                     delta: BTreeMap::new(),
                 };
@@ -852,7 +868,7 @@ impl Engine {
             generation: self.generation,
             prior,
             new_acc: Vec::new(),
-            new_idx: HashMap::new(),
+            new_idx: BTreeMap::new(),
             updates: Vec::new(),
             fires: Vec::new(),
             delta: BTreeMap::new(),
@@ -1159,7 +1175,7 @@ impl Engine {
                 generation: self.generation,
                 prior: None,
                 new_acc: Vec::new(),
-                new_idx: HashMap::new(),
+                new_idx: BTreeMap::new(),
                 updates: Vec::new(),
                 fires: Vec::new(),
                 delta: BTreeMap::new(),
@@ -1239,7 +1255,7 @@ impl Engine {
     /// Internal consistency: every listed child exists, every node but `/` and specials is
     /// listed by its parent, child byte counts and ownership counts agree.
     pub fn check(&self) -> Result<(), String> {
-        let mut owned: HashMap<DomId, i64> = HashMap::new();
+        let mut owned: BTreeMap<DomId, i64> = BTreeMap::new();
         for (p, n) in self.tree.iter() {
             *owned.entry(n.owner()).or_insert(0) += 1;
             let bytes: usize = n.children.iter().map(|c| c.len() + 1).sum();

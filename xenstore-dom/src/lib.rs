@@ -6,12 +6,20 @@
 //! - [`store`], [`path`], [`perms`], [`quota`]: its parts.
 //! - [`ring`]: the ring-page transport of the service domain (xenstored's side of each
 //!   domain's `xenstore_domain_interface`).
-//! - [`host`] (unix only): the daemon that serves the engine on unix sockets for Xen's stock
+//! - [`host`] (unix, `std` feature only): the daemon that serves the engine on unix sockets for Xen's stock
 //!   `xenstore-*` tools, as C `xenstored` does for local tools.
+//!
+//! The engine and the ring transport are `no_std + alloc`, so the service domain links them
+//! on bare metal; the default `std` feature adds the host daemon (and its CLI binary).
+#![no_std]
 #![forbid(unsafe_code)]
 
+extern crate alloc;
+#[cfg(any(test, all(feature = "std", not(target_os = "none"))))]
+extern crate std;
+
 pub mod engine;
-#[cfg(unix)]
+#[cfg(all(feature = "std", unix))]
 pub mod host;
 pub mod path;
 pub mod perms;

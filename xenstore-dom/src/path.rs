@@ -4,6 +4,10 @@
 //! watch name starting with `@`. Relative input is taken under the connection's home
 //! (`/local/domain/<id>`). Only ASCII alphanumerics and `-/_@` are allowed.
 
+use alloc::borrow::ToOwned;
+use alloc::format;
+use alloc::string::String;
+
 use shared_abi::errno::XenError;
 use shared_abi::xenstore::ABS_PATH_MAX;
 

@@ -4,7 +4,10 @@
 //! privileged connection, the owner, or a domain whose target is the owner gets everything;
 //! otherwise the first later entry naming the domain (or its target) decides, else the first.
 
-use std::sync::Arc;
+use alloc::format;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
 
 use shared_abi::DomId;
 use shared_abi::errno::XenError;

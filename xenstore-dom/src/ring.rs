@@ -40,7 +40,8 @@
 //! [`Effect::Release`] [`RingServer::detach`], unbind and unmap; call again while
 //! [`Serviced::again`].
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
+use alloc::vec::Vec;
 
 use shared_abi::DomId;
 use shared_abi::ring::SharedRingMem;

@@ -2,10 +2,16 @@
 //!
 //! Cloning a [`Tree`] is O(1) and shares every node, so a transaction's snapshot and each
 //! request's scratch copy cost nothing until they write; a write copies O(log n) of the map.
+//! The map is `rpds`' persistent red-black tree (`Arc`-shared, `no_std + alloc`): ordered
+//! rather than hashed, so paths a domain chooses cannot degrade it (no hash flooding), and
+//! `insert_mut`/`remove_mut` copy only the path of nodes still shared with a snapshot.
 //! Invariants: `/` always exists; every node but `/` and the `@` specials is listed in its
 //! parent's `children`; `children_bytes` is the sum of `name.len() + 1` over `children`.
 
-use std::sync::Arc;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use rpds::{RedBlackTreeMapSync, RedBlackTreeSetSync};
 
 use crate::perms::{Perm, Perms};
 
@@ -14,7 +20,7 @@ use crate::perms::{Perm, Perms};
 pub struct Node {
     pub value: Arc<[u8]>,
     pub perms: Perms,
-    pub children: imbl::OrdSet<Arc<str>>,
+    pub children: RedBlackTreeSetSync<Arc<str>>,
     /// Bytes the child list takes in Xen's NUL-separated form.
     pub children_bytes: u32,
     /// Global generation of the last change (transaction conflicts, DIRECTORY_PART).
@@ -26,7 +32,7 @@ impl Node {
         Node {
             value: Arc::from(value),
             perms,
-            children: imbl::OrdSet::new(),
+            children: RedBlackTreeSetSync::new_sync(),
             children_bytes: 0,
             generation,
         }
@@ -54,9 +60,17 @@ impl Node {
 }
 
 /// The whole store at one point in time.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Tree {
-    nodes: imbl::HashMap<Arc<str>, Arc<Node>>,
+    nodes: RedBlackTreeMapSync<Arc<str>, Arc<Node>>,
+}
+
+impl Default for Tree {
+    fn default() -> Self {
+        Tree {
+            nodes: RedBlackTreeMapSync::new_sync(),
+        }
+    }
 }
 
 impl Tree {
@@ -85,7 +99,7 @@ impl Tree {
     fn link_child(&mut self, dir: &str, name: &str) {
         if let Some(n) = self.get(dir) {
             let mut n = (*n).clone();
-            n.children.insert(Arc::from(name));
+            n.children.insert_mut(Arc::from(name));
             n.children_bytes += name.len() as u32 + 1;
             self.insert(dir, n);
         }
@@ -100,26 +114,28 @@ impl Tree {
     }
 
     pub fn insert(&mut self, path: &str, node: Node) {
-        self.nodes.insert(Arc::from(path), Arc::new(node));
+        self.nodes.insert_mut(Arc::from(path), Arc::new(node));
     }
 
     pub fn insert_arc(&mut self, path: Arc<str>, node: Arc<Node>) {
-        self.nodes.insert(path, node);
+        self.nodes.insert_mut(path, node);
     }
 
     pub fn remove(&mut self, path: &str) -> Option<Arc<Node>> {
-        self.nodes.remove(path)
+        let old = self.nodes.get(path).cloned()?;
+        self.nodes.remove_mut(path);
+        Some(old)
     }
 
     pub fn len(&self) -> usize {
-        self.nodes.len()
+        self.nodes.size()
     }
 
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
     }
 
-    /// Every (path, node), in no particular order.
+    /// Every (path, node), in path order.
     pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<Node>)> {
         self.nodes.iter()
     }

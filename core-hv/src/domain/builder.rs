@@ -12,7 +12,9 @@
 //! the first live domain holding `CONSOLE_SERVICE`, ref 1 (`GNTTAB_RESERVED_XENSTORE`) the
 //! xenstore ring page to the first live domain holding `XENSTORE_SERVICE`, so a service
 //! domain built *earlier* (manifest order) can map them. With no such domain the entry stays
-//! invalid (all zero), as do refs 2..8.
+//! invalid (all zero), as do refs 2..8. With such a xenstore domain the builder also offers it
+//! an unbound event-channel port of the new domain, named in `xenstore_evtchn`
+//! ([`super::xenstore_port`]).
 //!
 //! On any failure everything already taken is given back and the domain never appears in
 //! the table: a refused build leaks nothing.
@@ -334,6 +336,9 @@ impl Hypervisor {
                         return Err(e);
                     }
                 };
+                // Before the domain is in the table: it cannot run yet.
+                let _ =
+                    self.offer_xenstore_port(p, cfg.xenstore_evtchn, evtchn.as_ref(), special[0]);
                 let vcpus =
                     match self
                         .sched

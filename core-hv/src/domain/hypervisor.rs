@@ -97,6 +97,9 @@ pub struct Hypervisor {
     pub frame_refs: Mutex<FrameRefs>,
     /// The next domain instance number.
     pub(crate) next_instance: u64,
+    /// Driver domains' PCI configuration access (`physdev_op`); `None` until the arch layer
+    /// installs it (no PCI: every call answers `-ENODEV`).
+    pub pci: Option<alloc::boxed::Box<dyn crate::pci::owner::OwnerConfig>>,
 }
 
 impl Hypervisor {
@@ -110,6 +113,7 @@ impl Hypervisor {
             pending_kicks: CpuSet::EMPTY,
             frame_refs: Mutex::new(FrameRefs::default()),
             next_instance: 1,
+            pci: None,
         }
     }
 
@@ -170,6 +174,10 @@ impl Hypervisor {
         };
         if !d.set_state(DomainState::Dying) {
             return CpuSet::EMPTY;
+        }
+        // Its devices first: no DMA may reach its frames once they can go back to the pool.
+        if let Some(pci) = self.pci.as_mut() {
+            pci.release(dom);
         }
         let mut kicks = self.sched.remove_domain(dom);
         self.release_sharing(p, dom);

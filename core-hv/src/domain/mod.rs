@@ -40,6 +40,7 @@ pub mod hypercall;
 pub mod hypervisor;
 pub mod memory;
 pub mod shared;
+mod xenstore_port;
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;

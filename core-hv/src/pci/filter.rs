@@ -193,6 +193,35 @@ impl ConfigFilter {
         }
     }
 
+    /// Take back every function `domain` owns (it is dying): they return to the hypervisor
+    /// and their BARs, where they are now placed, become fixed obstacles. Returns their
+    /// addresses; the caller quiesces them and blocks their DMA.
+    pub fn release(&mut self, domain: DomId) -> Vec<PciAddress> {
+        let mut out = Vec::new();
+        let mut kept = Vec::with_capacity(self.owned.len());
+        for o in core::mem::take(&mut self.owned) {
+            if o.owner != domain {
+                kept.push(o);
+                continue;
+            }
+            out.push(o.address);
+            for (i, s) in o.slots.iter().enumerate() {
+                if let Slot::Bar(b) = s
+                    && i != ROM_SLOT as usize
+                {
+                    let start = b.current.unwrap_or(b.original);
+                    self.fixed.push(FixedBar {
+                        space: b.space(),
+                        start,
+                        end: start.saturating_add(b.size),
+                    });
+                }
+            }
+        }
+        self.owned = kept;
+        out
+    }
+
     /// The owner of `address`, if assigned.
     pub fn owner(&self, address: PciAddress) -> Option<DomId> {
         self.owned
@@ -518,6 +547,21 @@ mod tests {
         device: 3,
         function: 0,
     };
+
+    #[test]
+    fn released_functions_go_back_to_the_hypervisor_and_others_stay() {
+        let (mut cfg, mut f) = setup(false);
+        assert_eq!(f.release(DOM), [BLK]);
+        assert_eq!(f.owner(BLK), None);
+        assert_eq!(f.read(&cfg, DOM, BLK, 0, 4), Err(XenError::ENODEV));
+        assert_eq!(
+            f.write(&mut cfg, DOM, BLK, 0x40, 4, 1),
+            Err(XenError::ENODEV)
+        );
+        assert_eq!(f.owner(bdf(0, 2, 0)), Some(OTHER));
+        assert_eq!(f.read(&cfg, OTHER, bdf(0, 2, 0), 0, 2), Ok(0x1af4));
+        assert!(f.release(DOM).is_empty());
+    }
 
     #[test]
     fn owner_reads_and_writes_its_own_function_only() {

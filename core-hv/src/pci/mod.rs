@@ -18,6 +18,7 @@ pub mod enumerate;
 #[cfg(test)]
 pub mod fake;
 pub mod filter;
+pub mod owner;
 pub mod vtd;
 
 pub use shared_abi::pci::PciAddress;

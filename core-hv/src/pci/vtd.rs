@@ -210,21 +210,28 @@ impl ContextTables {
         if did == 0 || did as u32 >= domains {
             return Err(ContextError::DomainId(did));
         }
-        let bus = dev.bus as usize;
-        let rlo = mem.read(self.root, 2 * bus);
-        let ctx = if rlo & P != 0 {
-            rlo & ADDR
-        } else {
-            let t = mem.alloc_table().ok_or(ContextError::OutOfMemory)?;
-            mem.write(self.root, 2 * bus, t | P);
-            t
-        };
+        let ctx = self
+            .ensure_bus(mem, dev.bus)
+            .ok_or(ContextError::OutOfMemory)?;
         let i = dev.devfn() as usize;
         // Write the high half first, then the present bit, so the hardware never sees a
         // present entry with a stale domain id.
         mem.write(ctx, 2 * i + 1, aw_for(levels) | ((did as u64) << 8));
         mem.write(ctx, 2 * i, (slpt & ADDR) | P);
         Ok(())
+    }
+
+    /// The context table of `bus`, made (all devices blocked) if there was none. It stays for
+    /// the unit's lifetime: making it ahead of time keeps later attaches from allocating.
+    pub fn ensure_bus(&mut self, mem: &mut impl TableMemory, bus: u8) -> Option<u64> {
+        let bus = bus as usize;
+        let rlo = mem.read(self.root, 2 * bus);
+        if rlo & P != 0 {
+            return Some(rlo & ADDR);
+        }
+        let t = mem.alloc_table()?;
+        mem.write(self.root, 2 * bus, t | P);
+        Some(t)
     }
 
     /// Block `dev` again. Returns whether it had a context.
@@ -417,6 +424,27 @@ impl SlTable {
         Some(e & ADDR)
     }
 
+    /// Every table frame of this space (root first), for freeing it once no device uses it
+    /// and the IOTLB was invalidated. Leaf entries point at the domain's frames, not tables.
+    pub fn table_frames(&self, mem: &impl TableMemory) -> alloc::vec::Vec<u64> {
+        let mut out = alloc::vec![self.root];
+        let mut level_tables = alloc::vec![self.root];
+        for _ in 2..=self.levels {
+            let mut next = alloc::vec::Vec::new();
+            for &t in &level_tables {
+                for i in 0..512 {
+                    let e = mem.read(t, i);
+                    if e & (perm::READ | perm::WRITE) != 0 {
+                        next.push(e & ADDR);
+                    }
+                }
+            }
+            out.extend_from_slice(&next);
+            level_tables = next;
+        }
+        out
+    }
+
     /// What the hardware would do with `iova`: the host address and access bits.
     pub fn translate(&self, mem: &impl TableMemory, iova: u64) -> Option<(u64, u64)> {
         if iova >= self.limit {
@@ -537,6 +565,28 @@ mod tests {
         fn write(&mut self, t: u64, i: usize, v: u64) {
             self.tables.get_mut(&t).unwrap()[i] = v;
         }
+    }
+
+    #[test]
+    fn table_frames_lists_root_and_every_intermediate_table_once() {
+        let mut mem = Mem::new(64);
+        let mut t = SlTable::new(&mut mem, 3, 39).unwrap();
+        assert_eq!(t.table_frames(&mem), [t.root()]);
+        // Two pages under one leaf table, one far away (its own level-2 and leaf tables).
+        t.map_all(
+            &mut mem,
+            &[
+                (0x1000, 0x5000_0000, perm::READ),
+                (0x2000, 0x5000_1000, perm::READ | perm::WRITE),
+                (1 << 38, 0x5000_2000, perm::READ),
+            ],
+        )
+        .unwrap();
+        let frames = t.table_frames(&mem);
+        assert_eq!(frames.len(), 5, "root, 2 level-2 tables, 2 leaf tables");
+        assert_eq!(frames.len(), mem.tables.len());
+        assert!(frames.iter().all(|f| mem.tables.contains_key(f)));
+        assert!(!frames.contains(&0x5000_0000));
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod apic;
 pub mod boot;
 pub mod console;
 pub mod cpu;
+pub mod devices;
 pub mod gdt;
 pub mod heap;
 pub mod idt;

@@ -199,6 +199,7 @@ impl Call<'_, '_> {
                     _ => Err(XenError::EINVAL),
                 }
             }
+            dc::XENSTORE_DOMAINS => self.xenstore_domains(&buf[16..]),
             _ => Err(XenError::ENOSYS),
         }
     }

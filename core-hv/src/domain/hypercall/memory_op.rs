@@ -149,6 +149,15 @@ impl Call<'_, '_> {
             }
             return false;
         }
+        if let Some(pci) = self.hv.pci.as_mut() {
+            let added: alloc::vec::Vec<(u64, u64, bool)> = (0..pages)
+                .filter_map(|i| {
+                    let page = va + i * PAGE_SIZE;
+                    d.pages.get(&page).map(|f| (page, f.0 * PAGE_SIZE, true))
+                })
+                .collect();
+            pci.dma_map(token.target(), &added);
+        }
         true
     }
 
@@ -161,6 +170,13 @@ impl Call<'_, '_> {
         };
         if !(0..pages).all(|i| d.pages.contains_key(&(va + i * PAGE_SIZE))) {
             return false;
+        }
+        // A device of the domain must not reach a frame that goes back to the pool.
+        if let Some(pci) = self.hv.pci.as_mut() {
+            let vas: alloc::vec::Vec<u64> = (0..pages).map(|i| va + i * PAGE_SIZE).collect();
+            if !pci.dma_unmap(token.target(), &vas) {
+                return false;
+            }
         }
         let Some(aspace) = d.aspace.as_mut() else {
             return false;

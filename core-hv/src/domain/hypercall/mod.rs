@@ -15,11 +15,13 @@ mod domctl;
 mod evtchn_op;
 mod gnttab_op;
 mod memory_op;
+mod physdev_op;
 mod sched_op;
 #[cfg(test)]
 mod sharing_tests;
 #[cfg(test)]
 mod tests;
+mod xs_domctl;
 
 use shared_abi::DomId;
 use shared_abi::domid::DOMID_SELF;
@@ -256,6 +258,7 @@ impl Hypervisor {
             hc::DOMCTL => c.domctl(a0),
             hc::EVENT_CHANNEL_OP => c.event_channel_op(a0, a1),
             hc::GRANT_TABLE_OP => c.grant_table_op(a0, a1, a2),
+            hc::PHYSDEV_OP => c.physdev_op(a0, a1),
             _ => Err(XenError::ENOSYS),
         };
         let mut exit = c.exit;

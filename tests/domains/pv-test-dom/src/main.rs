@@ -12,10 +12,14 @@
 //! - `hostile n=<calls> seed=<s>`: random hypercall numbers, arguments and pointers.
 //! - `memlimit`: asks for pages beyond its limit and must be refused.
 //! - `bench` / `yielder`: hypercall round trip and domain switch cost.
+//! - `pci expect=owner|refused`: config-space access to assigned PCI functions (see `pci.rs`).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
 dom_rt::entry!(main);
+
+#[cfg(target_os = "none")]
+mod pci;
 
 #[cfg(target_os = "none")]
 mod roles {
@@ -357,6 +361,7 @@ fn main(si: &'static dom_rt::StartInfo) {
         "memlimit" => roles::memlimit(si),
         "bench" => roles::bench(si),
         "yielder" => roles::yielder(si),
+        "pci" => pci::run(si),
         other => dom_rt::println!("RESULT {} fail unknown role {other}", si.name()),
     }
 }

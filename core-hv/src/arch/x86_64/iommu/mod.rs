@@ -482,6 +482,30 @@ pub fn attach(dev: PciAddress, space: &DmaSpace, did: u16) -> Result<(), DmaErro
     u.invalidate_all().map_err(|_| DmaError::Timeout)
 }
 
+/// Make the context table of `dev`'s bus on `unit` now (at boot, before domains are
+/// built), so attaching later allocates nothing that outlives the domain.
+pub fn prepare(dev: PciAddress, unit: usize) -> Result<(), DmaError> {
+    let mut units = UNITS.lock();
+    let u = units.get_mut(unit).ok_or(DmaError::NoUnit)?;
+    let Unit { mem, contexts, .. } = u;
+    contexts
+        .ensure_bus(mem, dev.bus)
+        .map(|_| ())
+        .ok_or(DmaError::OutOfMemory)
+}
+
+/// Free `space`'s tables. Every device attached to it must have been detached first
+/// ([`detach`] invalidates the unit's caches, so the hardware no longer walks them).
+pub fn destroy_space(space: DmaSpace) -> Result<(), DmaError> {
+    let mut units = UNITS.lock();
+    let u = units.get_mut(space.unit).ok_or(DmaError::NoUnit)?;
+    u.invalidate_all().map_err(|_| DmaError::Timeout)?;
+    for f in space.table.table_frames(&u.mem) {
+        memory::free_frame(f);
+    }
+    Ok(())
+}
+
 /// Block `dev`'s DMA again (before the device goes back or to another domain).
 pub fn detach(dev: PciAddress, unit: usize) -> bool {
     let mut units = UNITS.lock();

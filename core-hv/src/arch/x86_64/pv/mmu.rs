@@ -197,7 +197,8 @@ impl FrameSource for GlobalFrames {
     }
 }
 
-/// Frame bytes through the direct map.
+/// Frame bytes through the direct map. Reads and writes (every guest-memory copy and both
+/// halves of a grant copy) move aligned u64 words, volatile on the frame side.
 #[derive(Debug, Default)]
 pub struct DirectPhys;
 
@@ -207,6 +208,75 @@ fn frame_ptr(frame: Mfn, offset: usize, len: usize) -> Option<*mut u8> {
         return None;
     }
     Some((phys_to_virt(phys) + offset as u64) as *mut u8)
+}
+
+/// Bytes from the start of `p` to the next 8-byte boundary (0 if aligned).
+fn to_word_boundary(p: *const u8) -> usize {
+    (8 - (p as usize & 7)) & 7
+}
+
+/// Copy `buf.len()` bytes out of a frame at `src` into `buf`: bytes up to the frame side's
+/// first 8-byte boundary, then aligned u64 words, then the tail bytes.
+///
+/// Every access to the frame is volatile and at most 8 bytes wide (one aligned `mov`), never
+/// a Rust reference or a `memcpy` over it: the frame may be a domain's page that the domain
+/// (another vCPU) or a grant peer writes while the copy runs, and the compiler must neither
+/// assume the bytes stable nor read one twice. A word that races with such a write may mix
+/// old and new bytes, as Xen's copies may; only the domain's own data is affected.
+///
+/// # Safety
+/// `src .. src + buf.len()` lies inside one direct-mapped RAM frame (see [`frame_ptr`]).
+unsafe fn copy_from_frame(src: *const u8, buf: &mut [u8]) {
+    let head_len = to_word_boundary(src).min(buf.len());
+    let (head, rest) = buf.split_at_mut(head_len);
+    let mut p = src;
+    for b in head {
+        // SAFETY: `p` stays inside the checked range (one step per byte of `buf`).
+        *b = unsafe { core::ptr::read_volatile(p) };
+        p = p.wrapping_add(1);
+    }
+    let mut words = rest.chunks_exact_mut(8);
+    for w in &mut words {
+        // SAFETY: `p` is 8-aligned here (the head ended on a boundary) and `p .. p + 8` is
+        // inside the checked range (a whole chunk of `buf` is left).
+        let v = unsafe { core::ptr::read_volatile(p.cast::<u64>()) };
+        w.copy_from_slice(&v.to_ne_bytes());
+        p = p.wrapping_add(8);
+    }
+    for b in words.into_remainder() {
+        // SAFETY: as for the head.
+        *b = unsafe { core::ptr::read_volatile(p) };
+        p = p.wrapping_add(1);
+    }
+}
+
+/// Copy `data` into a frame at `dst`, the mirror of [`copy_from_frame`] (volatile, aligned
+/// words on the frame side).
+///
+/// # Safety
+/// `dst .. dst + data.len()` lies inside one direct-mapped RAM frame (see [`frame_ptr`]).
+unsafe fn copy_to_frame(data: &[u8], dst: *mut u8) {
+    let head_len = to_word_boundary(dst).min(data.len());
+    let (head, rest) = data.split_at(head_len);
+    let mut p = dst;
+    for &b in head {
+        // SAFETY: `p` stays inside the checked range (one step per byte of `data`).
+        unsafe { core::ptr::write_volatile(p, b) };
+        p = p.wrapping_add(1);
+    }
+    let mut words = rest.chunks_exact(8);
+    for w in &mut words {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(w);
+        // SAFETY: `p` is 8-aligned here and `p .. p + 8` is inside the checked range.
+        unsafe { core::ptr::write_volatile(p.cast::<u64>(), u64::from_ne_bytes(v)) };
+        p = p.wrapping_add(8);
+    }
+    for &b in words.remainder() {
+        // SAFETY: as for the head.
+        unsafe { core::ptr::write_volatile(p, b) };
+        p = p.wrapping_add(1);
+    }
 }
 
 impl PhysMem for DirectPhys {
@@ -224,23 +294,19 @@ impl PhysMem for DirectPhys {
         let Some(src) = frame_ptr(frame, offset, buf.len()) else {
             return;
         };
-        for (i, b) in buf.iter_mut().enumerate() {
-            // SAFETY: `src..src+len` is inside one direct-mapped RAM frame (checked by
-            // `frame_ptr`); volatile byte reads because a domain may write the page
-            // concurrently (never a Rust reference into it).
-            *b = unsafe { core::ptr::read_volatile(src.add(i)) };
-        }
+        // SAFETY: `src..src+len` is inside one direct-mapped RAM frame (checked by
+        // `frame_ptr`); `copy_from_frame` touches it only through volatile accesses because a
+        // domain may write the page concurrently.
+        unsafe { copy_from_frame(src, buf) };
     }
 
     fn write(&self, frame: Mfn, offset: usize, data: &[u8]) {
         let Some(dst) = frame_ptr(frame, offset, data.len()) else {
             return;
         };
-        for (i, &b) in data.iter().enumerate() {
-            // SAFETY: as in `read`; the frame belongs to the domain being served, which may
-            // race with the write but cannot make it leave the frame.
-            unsafe { core::ptr::write_volatile(dst.add(i), b) };
-        }
+        // SAFETY: as in `read`; the frame belongs to the domain being served, which may race
+        // with the write but cannot make it leave the frame.
+        unsafe { copy_to_frame(data, dst) };
     }
 
     fn zero(&self, frame: Mfn) {

@@ -159,26 +159,43 @@ pub fn init_cpu() -> &'static str {
 /// `boot::image::check`), in order, and make them runnable. Returns the number built.
 pub fn boot_domains(module: &[u8], nr_cpus: usize, exit_when_done: bool) -> usize {
     TSC_BASE.store(cpu::rdtsc(), Ordering::Relaxed);
-    let free_frames_before = memory::free_frames();
+    let mut free_frames_before = memory::free_frames();
     let heap_frames_before = super::heap::HEAP_FRAMES.load(Ordering::Relaxed);
     let mut hv = Hypervisor::new(nr_cpus, HvConfig::default(), 0);
+    hv.pci = Some(alloc::boxed::Box::new(super::devices::ArchPci));
     let mut built = 0;
     let mut failures = 0;
     match parse_image(module) {
         Ok(image) => {
+            // The plan's frames (IOMMU context tables) stay for the whole boot: not the
+            // domains' to give back.
+            let before_plan = memory::free_frames();
+            let mut devices = super::devices::plan(&image.manifest);
+            free_frames_before -= before_plan.saturating_sub(memory::free_frames());
             for (i, spec) in image.manifest.domains.iter().enumerate() {
                 let Some(elf) = image.elf(i) else {
                     crate::raw_println!("bulkhead: domain {:?} refused: ELF missing", spec.name);
                     failures += 1;
                     continue;
                 };
-                let cfg = DomainConfig::from_spec(spec);
+                let mut cfg = DomainConfig::from_spec(spec);
+                match devices.devices_for(i, &image.manifest) {
+                    Ok(d) => cfg.devices = d,
+                    Err(why) => {
+                        crate::raw_println!("bulkhead: domain {:?} refused: {why}", spec.name);
+                        failures += 1;
+                        continue;
+                    }
+                }
                 let t0 = cpu::rdtsc();
                 let r = with_platform(|p| hv.build_domain(p, &cfg, elf));
                 let us = cpu::rdtsc().wrapping_sub(t0) * 1000 / apic::tsc_khz().max(1);
                 match r {
                     Ok(id) => {
                         built += 1;
+                        if let Some(d) = hv.domains.get(id) {
+                            devices.built(i, d);
+                        }
                         crate::raw_println!(
                             "bulkhead: domain {id} ({}) running ({} KiB, {} vCPUs, built in {}.{:03} ms)",
                             spec.name,
@@ -199,6 +216,7 @@ pub fn boot_domains(module: &[u8], nr_cpus: usize, exit_when_done: bool) -> usiz
                     }
                 }
             }
+            devices.finish();
         }
         Err(e) => {
             crate::raw_println!("bulkhead: boot image unreadable: {e}");
@@ -279,6 +297,7 @@ pub extern "C" fn trap_entry(f: &mut ExceptionFrame) -> u64 {
         match vector {
             v if v == TIMER_VECTOR as u64 => {
                 idt::count_tick_and_eoi();
+                poll_iommu();
                 idle_tick();
                 return 0;
             }
@@ -292,6 +311,9 @@ pub extern "C" fn trap_entry(f: &mut ExceptionFrame) -> u64 {
     // Machine-level events are never a domain's fault.
     if vector == 2 || vector == 8 || vector == 18 {
         idt::exception_report(f);
+    }
+    if vector == TIMER_VECTOR as u64 {
+        poll_iommu();
     }
     let cpu_ix = percpu::current_index() as usize;
     let mut g = lock_state();
@@ -523,6 +545,13 @@ fn arm_timer(st: &State, cpu_ix: usize) {
         .map_or(MAX_TICK_NS, |d| d.saturating_sub(now))
         .clamp(MIN_TICK_NS, MAX_TICK_NS);
     apic::arm_ns(ns);
+}
+
+/// On CPU 0's timer ticks (ring 3 or idle: no lock held), report IOMMU faults.
+fn poll_iommu() {
+    if percpu::current_index() == 0 {
+        super::devices::poll_faults();
+    }
 }
 
 /// A timer tick while idle in ring 0: fire due timers (waking vCPUs, maybe on other CPUs).
