@@ -375,7 +375,18 @@ impl Hypervisor {
             {
                 *flag = false;
             }
-            let k = self.raise_virq(p, dom, virq::TIMER, idx);
+            let delivery = match self.domains.get(dom).and_then(|d| d.evtchn.as_ref()) {
+                Some(e) => e.lock().raise_virq(virq::TIMER, idx),
+                None => None,
+            };
+            // Bound and unmasked: the upcall-pending flag ends a later block by itself.
+            if delivery.as_ref().is_some_and(|d| d.kick.is_some()) {
+                self.sched.timer_delivered(v);
+            }
+            let k = match delivery {
+                Some(d) => self.deliver(p, dom, d),
+                None => CpuSet::EMPTY,
+            };
             if k.contains(cpu) {
                 r.resched = true;
             }

@@ -29,6 +29,14 @@
 //! it runs OVER work or goes idle. Blocked vCPUs are in no queue and cost nothing; their
 //! timers (single-shot and poll timeouts) are checked at every tick and wake them.
 //!
+//! Timer wake-ups are never lost: every CPU's tick checks every vCPU's timers, so a timer
+//! may fire on another CPU while its vCPU still runs — between the guest's
+//! `VCPUOP_set_singleshot_timer` and its `SCHEDOP_block` (a host that preempts the vCPU's
+//! thread makes that window milliseconds long). The timer then latches (`timer_missed`) and
+//! the vCPU's next block returns at once instead of sleeping with no timer left; arming or
+//! stopping the timer, or delivering `VIRQ_TIMER` (which wakes the block through the
+//! upcall-pending flag), clears the latch.
+//!
 //! Invariants: a vCPU is in exactly one run queue iff it is runnable and not current on a
 //! CPU; a vCPU is current on at most one CPU; runstate times add up to the time since the
 //! vCPU was created.
@@ -142,6 +150,9 @@ struct Vcpu {
     started_at: u64,
     timer: Option<u64>,
     poll_timer: Option<u64>,
+    /// The single-shot timer fired while the vCPU was not blocked and nothing else records
+    /// it: the next [`Scheduler::block`] returns at once.
+    timer_missed: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -229,6 +240,7 @@ impl Scheduler {
                 started_at: now,
                 timer: None,
                 poll_timer: None,
+                timer_missed: false,
             };
             let slot = match self.vcpus.iter().position(Option::is_none) {
                 Some(i) => {
@@ -463,12 +475,25 @@ impl Scheduler {
         self.refresh(v, now)
     }
 
-    /// The vCPU blocks until [`Scheduler::wake`] or one of its timers.
+    /// The vCPU blocks until [`Scheduler::wake`] or one of its timers — unless its
+    /// single-shot timer already fired while it ran (see the module doc): then it stays
+    /// runnable and the block returns at once.
     pub fn block(&mut self, v: VcpuId, now: u64) -> CpuSet {
         if let Some(vc) = self.vm(v) {
+            if core::mem::take(&mut vc.timer_missed) {
+                return CpuSet::EMPTY;
+            }
             vc.blocked = true;
         }
         self.refresh(v, now)
+    }
+
+    /// The fired timer reached the guest another way (`VIRQ_TIMER` is bound and now
+    /// pending): its next block need not return early.
+    pub fn timer_delivered(&mut self, v: VcpuId) {
+        if let Some(vc) = self.vm(v) {
+            vc.timer_missed = false;
+        }
     }
 
     /// Wake a blocked vCPU (an event arrived, or a timer). Clears its poll timer.
@@ -517,10 +542,11 @@ impl Scheduler {
             .fold(CpuSet::EMPTY, |k, v| k.union(self.refresh(v, now)))
     }
 
-    /// Arm (`Some`) or cancel the single-shot timer.
+    /// Arm (`Some`) or cancel the single-shot timer (forgets one that fired unseen).
     pub fn set_timer(&mut self, v: VcpuId, deadline: Option<u64>) {
         if let Some(vc) = self.vm(v) {
             vc.timer = deadline;
+            vc.timer_missed = false;
         }
     }
 
@@ -793,6 +819,8 @@ impl Scheduler {
             if let Some(vc) = self.vm(v) {
                 if t {
                     vc.timer = None;
+                    // Fired while it runs (or waits to run): its next block must not sleep.
+                    vc.timer_missed = !vc.blocked;
                 }
                 if p {
                     vc.poll_timer = None;

@@ -347,6 +347,82 @@ fn singleshot_timer_wakes_a_blocked_vcpu_and_is_reported() {
 }
 
 #[test]
+fn timer_fired_by_another_cpu_before_block_is_not_lost() {
+    // The guest arms its timer on CPU 0 and is preempted before it blocks; CPU 1's tick
+    // finds the timer due and fires it while the vCPU still runs. The block that follows
+    // must return at once: sleeping would leave the vCPU blocked with no timer at all.
+    let mut sim = Sim::new(2);
+    let v = sim.domain(1, 256, 0);
+    sim.start();
+    assert_eq!(sim.s.current(0), Some(v));
+    sim.s.set_timer(v, Some(3 * MS));
+    let r = sim.s.tick(1, 3 * MS);
+    assert_eq!(r.timers_fired, alloc::vec![v]);
+    sim.now = 3 * MS + 10_000;
+    let k = sim.s.block(v, sim.now);
+    assert!(k.is_empty());
+    assert!(
+        !sim.s.is_blocked(v),
+        "a timer that already fired must end the block"
+    );
+    sim.resched(0);
+    assert_eq!(
+        sim.s.current(0),
+        Some(v),
+        "the vCPU runs on after its block"
+    );
+    // The latch is spent: the next block (with a fresh timer) sleeps until that timer.
+    sim.s.set_timer(v, Some(8 * MS));
+    sim.s.block(v, sim.now);
+    assert!(sim.s.is_blocked(v));
+    sim.resched(0);
+    assert_eq!(sim.s.current(0), None);
+    sim.run_until(10 * MS);
+    assert!(!sim.s.is_blocked(v), "the second timer woke it");
+    assert_eq!(sim.s.current(0).or(sim.s.current(1)), Some(v));
+}
+
+#[test]
+fn rearmed_or_delivered_timer_does_not_end_a_later_block_early() {
+    let mut s = Scheduler::new(2, SchedConfig::default(), 0);
+    let v = s.add_domain(1, 256, 0, 1, 0).unwrap()[0];
+    s.vcpu_up(v, 0);
+    assert_eq!(s.schedule(0, 0).next, Some(v));
+    // Fired unseen, then the guest arms a new timer: that one governs the block.
+    s.set_timer(v, Some(MS));
+    s.tick(1, MS);
+    s.set_timer(v, Some(9 * MS));
+    s.block(v, 2 * MS);
+    assert!(s.is_blocked(v));
+    assert_eq!(s.schedule(0, 2 * MS).deadline, Some(9 * MS));
+    s.wake(v, 3 * MS);
+    assert_eq!(s.schedule(0, 3 * MS).next, Some(v));
+    // Fired and delivered as VIRQ_TIMER: the event, not the latch, ends the block.
+    s.set_timer(v, Some(4 * MS));
+    s.tick(1, 4 * MS);
+    s.timer_delivered(v);
+    s.block(v, 5 * MS);
+    assert!(s.is_blocked(v));
+}
+
+#[test]
+fn timer_firing_while_blocked_wakes_without_latching() {
+    let mut s = Scheduler::new(1, SchedConfig::default(), 0);
+    let v = s.add_domain(1, 256, 0, 1, 0).unwrap()[0];
+    s.vcpu_up(v, 0);
+    s.schedule(0, 0);
+    s.set_timer(v, Some(2 * MS));
+    s.block(v, MS);
+    s.schedule(0, MS);
+    let r = s.tick(0, 2 * MS);
+    assert_eq!(r.timers_fired, alloc::vec![v]);
+    assert_eq!(s.schedule(0, 2 * MS).next, Some(v));
+    // That wake-up was used; a later block with no timer really sleeps.
+    s.block(v, 3 * MS);
+    assert!(s.is_blocked(v));
+}
+
+#[test]
 fn poll_timeout_wakes_without_firing_the_singleshot_timer() {
     let mut s = Scheduler::new(1, SchedConfig::default(), 0);
     let v = s.add_domain(1, 256, 0, 1, 0).unwrap()[0];
