@@ -44,10 +44,8 @@ use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec::Vec;
 
 use shared_abi::DomId;
-use shared_abi::ring::SharedRingMem;
 use shared_abi::xenstore::{
-    CONNECTED, DomainInterface, MessageDecoder, MsgType, RECONNECT, RING_SIZE, features,
-    ring_error, ring_mask,
+    CONNECTED, MessageDecoder, MsgType, RECONNECT, RING_SIZE, features, ring_error, ring_mask,
 };
 
 use crate::engine::{ConnId, Effect, Engine, Output};
@@ -55,78 +53,7 @@ use crate::engine::{ConnId, Effect, Engine, Output};
 /// Features this server offers in `server_features`: reconnection and the error field.
 pub const SERVER_FEATURES: u32 = features::RECONNECTION | features::ERROR;
 
-/// Byte offsets of the page's fields (from the layout-asserted struct).
-pub mod offsets {
-    use super::DomainInterface;
-    use core::mem::offset_of;
-    pub const REQ: usize = offset_of!(DomainInterface, req);
-    pub const RSP: usize = offset_of!(DomainInterface, rsp);
-    pub const REQ_CONS: usize = offset_of!(DomainInterface, req_cons);
-    pub const REQ_PROD: usize = offset_of!(DomainInterface, req_prod);
-    pub const RSP_CONS: usize = offset_of!(DomainInterface, rsp_cons);
-    pub const RSP_PROD: usize = offset_of!(DomainInterface, rsp_prod);
-    pub const SERVER_FEATURES: usize = offset_of!(DomainInterface, server_features);
-    pub const CONNECTION: usize = offset_of!(DomainInterface, connection);
-    pub const ERROR: usize = offset_of!(DomainInterface, error);
-    /// Bytes of the page the interface uses.
-    pub const END: usize = core::mem::size_of::<DomainInterface>();
-}
-
-/// Copy-based access to a shared xenstore page. Offsets passed in are always inside
-/// `0..offsets::END` and 4-aligned for the `u32` calls (the transport computes them; a page
-/// shorter than [`offsets::END`] is refused at attach).
-pub trait RingPage {
-    /// Bytes in the page.
-    fn size(&self) -> usize;
-    /// Load a 32-bit field with acquire ordering (later reads see what the writer published).
-    fn load_u32(&self, offset: usize) -> u32;
-    /// Store a 32-bit field with release ordering (earlier accesses complete first).
-    fn store_u32(&self, offset: usize, value: u32);
-    /// Copy bytes out of the page.
-    fn read_bytes(&self, offset: usize, out: &mut [u8]);
-    /// Copy bytes into the page.
-    fn write_bytes(&self, offset: usize, data: &[u8]);
-}
-
-impl RingPage for SharedRingMem {
-    fn size(&self) -> usize {
-        self.len()
-    }
-
-    fn load_u32(&self, offset: usize) -> u32 {
-        let v = self.read_u32(offset).unwrap_or(0);
-        core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
-        v
-    }
-
-    fn store_u32(&self, offset: usize, value: u32) {
-        let _ = self.write_u32(offset, value);
-    }
-
-    fn read_bytes(&self, offset: usize, out: &mut [u8]) {
-        for (i, b) in out.iter_mut().enumerate() {
-            let at = offset + i;
-            let w = self.read_u32(at & !3).unwrap_or(0);
-            *b = w.to_le_bytes()[at & 3];
-        }
-    }
-
-    fn write_bytes(&self, offset: usize, data: &[u8]) {
-        // Word-wise read-modify-write: the bytes around a partial word belong to the same
-        // ring array, which only this side writes.
-        let mut i = 0;
-        while i < data.len() {
-            let at = offset + i;
-            let word = at & !3;
-            let mut bytes = self.read_u32(word).unwrap_or(0).to_le_bytes();
-            let start = at & 3;
-            let n = (4 - start).min(data.len() - i);
-            bytes[start..start + n].copy_from_slice(&data[i..i + n]);
-            let _ = self.write_u32(word, u32::from_le_bytes(bytes));
-            i += n;
-        }
-    }
-}
+pub use shared_abi::xenstore::page::{RingPage, offsets};
 
 /// Why a connection was dropped; each maps to an `error` field value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,80 +10,9 @@
 //! Ordering (XEN-ABI.md §7.4): writer copies bytes, then stores `req_prod` with release;
 //! reader loads `rsp_prod` with acquire, copies, then stores `rsp_cons` with release.
 
-use shared_abi::ring::SharedRingMem;
-use shared_abi::xenstore::{
-    CONNECTED, DomainInterface, RECONNECT, RING_SIZE, features, ring_error, ring_mask,
-};
+use shared_abi::xenstore::{CONNECTED, RECONNECT, RING_SIZE, features, ring_error, ring_mask};
 
-/// Byte offsets of the page's fields.
-pub mod offsets {
-    use super::DomainInterface;
-    use core::mem::offset_of;
-    pub const REQ: usize = offset_of!(DomainInterface, req);
-    pub const RSP: usize = offset_of!(DomainInterface, rsp);
-    pub const REQ_CONS: usize = offset_of!(DomainInterface, req_cons);
-    pub const REQ_PROD: usize = offset_of!(DomainInterface, req_prod);
-    pub const RSP_CONS: usize = offset_of!(DomainInterface, rsp_cons);
-    pub const RSP_PROD: usize = offset_of!(DomainInterface, rsp_prod);
-    pub const SERVER_FEATURES: usize = offset_of!(DomainInterface, server_features);
-    pub const CONNECTION: usize = offset_of!(DomainInterface, connection);
-    pub const ERROR: usize = offset_of!(DomainInterface, error);
-    /// Bytes of the page the interface uses.
-    pub const END: usize = core::mem::size_of::<DomainInterface>();
-}
-
-/// Copy-based access to the shared page. Offsets are always inside `0..offsets::END`
-/// (4-aligned for the `u32` calls); a shorter page is refused by [`ClientRing::new`].
-pub trait RingPage {
-    /// Bytes in the page.
-    fn size(&self) -> usize;
-    /// Load a 32-bit field with acquire ordering.
-    fn load_u32(&self, offset: usize) -> u32;
-    /// Store a 32-bit field with release ordering.
-    fn store_u32(&self, offset: usize, value: u32);
-    /// Copy bytes out of the page.
-    fn read_bytes(&self, offset: usize, out: &mut [u8]);
-    /// Copy bytes into the page.
-    fn write_bytes(&self, offset: usize, data: &[u8]);
-}
-
-impl RingPage for SharedRingMem {
-    fn size(&self) -> usize {
-        self.len()
-    }
-
-    fn load_u32(&self, offset: usize) -> u32 {
-        let v = self.read_u32(offset).unwrap_or(0);
-        core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
-        v
-    }
-
-    fn store_u32(&self, offset: usize, value: u32) {
-        let _ = self.write_u32(offset, value);
-    }
-
-    fn read_bytes(&self, offset: usize, out: &mut [u8]) {
-        for (i, b) in out.iter_mut().enumerate() {
-            let at = offset + i;
-            *b = self.read_u32(at & !3).unwrap_or(0).to_le_bytes()[at & 3];
-        }
-    }
-
-    fn write_bytes(&self, offset: usize, data: &[u8]) {
-        // Read-modify-write per word: neighbouring bytes are in the same ring array, which
-        // only this side writes.
-        let mut i = 0;
-        while i < data.len() {
-            let at = offset + i;
-            let mut w = self.read_u32(at & !3).unwrap_or(0).to_le_bytes();
-            let start = at & 3;
-            let n = (4 - start).min(data.len() - i);
-            w[start..start + n].copy_from_slice(&data[i..i + n]);
-            let _ = self.write_u32(at & !3, u32::from_le_bytes(w));
-            i += n;
-        }
-    }
-}
+pub use shared_abi::xenstore::page::{RingPage, offsets};
 
 /// Why the ring cannot be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,6 +164,7 @@ impl<P: RingPage> ClientRing<P> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use shared_abi::ring::SharedRingMem;
 
     fn page() -> SharedRingMem {
         SharedRingMem::new_owned(4096).unwrap()
