@@ -19,7 +19,7 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use bulkhead_build::commands::{ENV_CORE_HV, ENV_IMAGE};
@@ -279,6 +279,35 @@ impl Boot {
         self
     }
 
+    /// The details of domain `name`'s `RESULT` line, which must say `pass`.
+    pub fn expect_result_pass(&self, name: &str) -> String {
+        let results = self.console().results();
+        match results.iter().find(|r| r.name == name) {
+            Some(r) if r.verdict == shared_abi::console::Verdict::Pass => r.details.to_string(),
+            Some(r) => self.fail(&format!("{name} reported fail: {}", r.details)),
+            None => self.fail(&format!("no RESULT line from {name}")),
+        }
+    }
+
+    /// Why domain `name` stopped, from `bulkhead: domain <id> (<name>) exited: <why>`.
+    pub fn domain_exit(&self, name: &str) -> Option<String> {
+        let needle = format!("({name}) exited: ");
+        self.console()
+            .lines()
+            .iter()
+            .find(|l| l.starts_with("bulkhead: domain ") && l.contains(&needle))
+            .and_then(|l| l.split(&needle).nth(1).map(str::to_string))
+    }
+
+    /// Domain `name` stopped for exactly `why`.
+    pub fn expect_domain_exit(&self, name: &str, why: &str) -> &Boot {
+        match self.domain_exit(name) {
+            Some(w) if w == why => self,
+            Some(w) => self.fail(&format!("domain {name} exited with {w}, expected {why}")),
+            None => self.fail(&format!("no exit line for domain {name}")),
+        }
+    }
+
     /// The image was refused with exactly `reason`, and no exception was raised.
     pub fn expect_refusal(&self, reason: &str) -> &Boot {
         match self.console().refusal() {
@@ -502,4 +531,23 @@ pub mod corrupt {
             assert_eq!(with_manifest(&base, |_| {}), base);
         }
     }
+}
+
+/// Image builds share one cargo target directory: one at a time.
+static SYSTEM_BUILD: Mutex<()> = Mutex::new(());
+
+/// Build the boot image of an inline system description (the `systems/*.toml` format) into
+/// its own scenario directory `<tag>-<name>`, and return its bytes.
+pub fn system_image(tag: &str, name: &str, toml: &str) -> Vec<u8> {
+    let _g = SYSTEM_BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let ws = Workspace::locate();
+    let dir = scenario_dir().join(format!("{tag}-{name}"));
+    fs::create_dir_all(&dir).expect("scenario dir");
+    let path = dir.join(format!("{name}.toml"));
+    fs::write(&path, toml).expect("writing the system description");
+    let sys =
+        bulkhead_build::system::parse(&path, toml).unwrap_or_else(|e| panic!("system {name}: {e}"));
+    let built = bulkhead_build::image::write(&ws, &sys, &dir)
+        .unwrap_or_else(|e| panic!("image {name}: {e:#}"));
+    fs::read(&built.image).expect("reading the built image")
 }

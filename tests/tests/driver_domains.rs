@@ -3,28 +3,10 @@
 //! (QEMU's `intel-iommu`) or, without an IOMMU, refused unless `insecure_dma`. The driver
 //! domain is `pv-test-dom`'s `pci` role; the device is a virtio-blk disk at 00:03.0.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use bulkhead_build::outcome::Outcome;
-use bulkhead_build::workspace::Workspace;
-use bulkhead_build::{image, system};
 use tests::{Boot, Scenario, scenario_dir};
-
-/// Image builds share one cargo target directory: one at a time.
-static BUILD: Mutex<()> = Mutex::new(());
-
-fn image_for(name: &str, toml: &str) -> Vec<u8> {
-    let _g = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    let ws = Workspace::locate();
-    let dir = scenario_dir().join(format!("drv-{name}"));
-    std::fs::create_dir_all(&dir).expect("scenario dir");
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, toml).expect("writing the system description");
-    let sys = system::parse(&path, toml).unwrap_or_else(|e| panic!("system {name}: {e}"));
-    let built = image::write(&ws, &sys, &dir).unwrap_or_else(|e| panic!("image {name}: {e:#}"));
-    std::fs::read(&built.image).expect("reading the built image")
-}
 
 fn domain(name: &str, cmdline: &str, extra: &str) -> String {
     format!(
@@ -47,7 +29,7 @@ fn boot(name: &str, iommu: bool, domains: &[String]) -> Boot {
         "[system]\ndescription = \"driver domains: {name}\"\n{}",
         domains.concat()
     );
-    let img = image_for(name, &toml);
+    let img = tests::system_image("drv", name, &toml);
     let drive = format!("file={},if=none,id=d0,format=raw", disk(name));
     let mut args: Vec<&str> = Vec::new();
     if iommu {
@@ -78,17 +60,6 @@ fn expect_line(b: &Boot, what: &str, pred: impl Fn(&str) -> bool) {
     }
 }
 
-fn expect_pass(b: &Boot, name: &str) -> String {
-    let results = b.console().results();
-    let Some(r) = results.iter().find(|r| r.name == name) else {
-        b.fail(&format!("no RESULT line from {name}"))
-    };
-    if r.verdict != shared_abi::console::Verdict::Pass {
-        b.fail(&format!("{name} reported fail: {}", r.details));
-    }
-    r.details.to_string()
-}
-
 #[test]
 fn driver_domain_reads_its_device_with_dma_confined_and_others_are_refused() {
     let b = boot(
@@ -117,10 +88,10 @@ fn driver_domain_reads_its_device_with_dma_confined_and_others_are_refused() {
         l.starts_with("bulkhead: device 00:03.0 1af4:1001 assigned to domain ")
             && l.ends_with("(blk), DMA confined by VT-d")
     });
-    let details = expect_pass(&b, "blk");
+    let details = b.expect_result_pass("blk");
     assert!(details.contains("00:03.0 1af4:1001"), "{details}");
-    expect_pass(&b, "snoop");
-    expect_pass(&b, "guest");
+    b.expect_result_pass("snoop");
+    b.expect_result_pass("guest");
 }
 
 #[test]
@@ -149,7 +120,7 @@ fn without_an_iommu_a_device_is_refused_unless_insecure_dma() {
     if b.console().results().iter().any(|r| r.name == "blk") {
         b.fail("the refused driver domain ran");
     }
-    expect_pass(&b, "guest");
+    b.expect_result_pass("guest");
 
     let b = boot(
         "insecure",
@@ -166,7 +137,7 @@ fn without_an_iommu_a_device_is_refused_unless_insecure_dma() {
         l.starts_with("bulkhead: WARNING: device 00:03.0 1af4:1001 assigned to domain ")
             && l.contains("NO IOMMU")
     });
-    expect_pass(&b, "blk");
+    b.expect_result_pass("blk");
 }
 
 #[test]
@@ -194,5 +165,5 @@ fn a_device_match_that_selects_nothing_refuses_the_driver_domain_only() {
     expect_line(&b, "refusing blk", |l| {
         l.starts_with("bulkhead: domain \"blk\" refused: its devices cannot be assigned")
     });
-    expect_pass(&b, "guest");
+    b.expect_result_pass("guest");
 }

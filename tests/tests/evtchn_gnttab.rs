@@ -2,27 +2,10 @@
 //! pairs (roles on the command line, domain ids in manifest order from 1), booted under QEMU
 //! and judged on their `RESULT` lines, the hypervisor's lines and the exit status.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use bulkhead_build::outcome::Outcome;
-use bulkhead_build::workspace::Workspace;
-use bulkhead_build::{image, system};
-use tests::{Boot, Scenario, scenario_dir};
-
-static BUILD: Mutex<()> = Mutex::new(());
-
-fn image_for(name: &str, toml: &str) -> Vec<u8> {
-    let _g = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    let ws = Workspace::locate();
-    let dir = scenario_dir().join(format!("ev-{name}"));
-    std::fs::create_dir_all(&dir).expect("scenario dir");
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, toml).expect("writing the system description");
-    let sys = system::parse(&path, toml).unwrap_or_else(|e| panic!("system {name}: {e}"));
-    let built = image::write(&ws, &sys, &dir).unwrap_or_else(|e| panic!("image {name}: {e:#}"));
-    std::fs::read(&built.image).expect("reading the built image")
-}
+use tests::{Boot, Scenario};
 
 /// One `evtchn-test-dom` domain; `caps` is a TOML list body (`"grant_map"`).
 fn dom(name: &str, cmdline: &str, caps: &str) -> String {
@@ -33,7 +16,7 @@ fn dom(name: &str, cmdline: &str, caps: &str) -> String {
 
 fn boot(name: &str, smp: u32, doms: &[String]) -> Boot {
     let toml = format!("[system]\ndescription = \"{name}\"\n{}", doms.concat());
-    let img = image_for(name, &toml);
+    let img = tests::system_image("ev", name, &toml);
     Scenario::new(name)
         .smp(smp)
         .memory_mib(512)
@@ -41,32 +24,6 @@ fn boot(name: &str, smp: u32, doms: &[String]) -> Boot {
         .image(img)
         .timeout(Duration::from_secs(120))
         .boot()
-}
-
-fn expect_pass(b: &Boot, name: &str) -> String {
-    let results = b.console().results();
-    match results.iter().find(|r| r.name == name) {
-        Some(r) if r.verdict == shared_abi::console::Verdict::Pass => r.details.to_string(),
-        Some(r) => b.fail(&format!("{name} reported fail: {}", r.details)),
-        None => b.fail(&format!("no RESULT line from {name}")),
-    }
-}
-
-fn exit_of(b: &Boot, name: &str) -> Option<String> {
-    let needle = format!("({name}) exited: ");
-    b.console()
-        .lines()
-        .iter()
-        .find(|l| l.starts_with("bulkhead: domain ") && l.contains(&needle))
-        .and_then(|l| l.split(&needle).nth(1).map(str::to_string))
-}
-
-fn expect_exit(b: &Boot, name: &str, why: &str) {
-    match exit_of(b, name) {
-        Some(w) if w == why => {}
-        Some(w) => b.fail(&format!("domain {name} exited with {w}, expected {why}")),
-        None => b.fail(&format!("no exit line for domain {name}")),
-    }
 }
 
 fn expect_clean(b: &Boot) {
@@ -110,8 +67,8 @@ fn pingpong(name: &str, smp: u32, metric: &str) {
         ],
     );
     expect_clean(&b);
-    expect_pass(&b, "ping");
-    expect_pass(&b, "pong");
+    b.expect_result_pass("ping");
+    b.expect_result_pass("pong");
     match b.console().metric(metric) {
         Some((v, _)) if v > 0.0 => {}
         _ => b.fail(&format!("no positive METRIC {metric}")),
@@ -139,10 +96,10 @@ fn grant_map_round_trip_and_a_write_to_a_readonly_mapping_kills_only_the_mapper(
         ],
     );
     expect_clean(&b);
-    expect_pass(&b, "granter");
-    expect_pass(&b, "mapper");
-    expect_exit(&b, "mapper", "fault");
-    expect_exit(&b, "granter", "poweroff");
+    b.expect_result_pass("granter");
+    b.expect_result_pass("mapper");
+    b.expect_domain_exit("mapper", "fault");
+    b.expect_domain_exit("granter", "poweroff");
     index_of(
         &b,
         |l| l.contains("(mapper) fault: vector 14"),
@@ -161,8 +118,8 @@ fn grant_copies_of_random_lengths_and_offsets_both_ways() {
         ],
     );
     expect_clean(&b);
-    expect_pass(&b, "cgranter");
-    expect_pass(&b, "copier");
+    b.expect_result_pass("cgranter");
+    b.expect_result_pass("copier");
 }
 
 #[test]
@@ -176,8 +133,8 @@ fn a_dead_granters_page_stays_valid_and_out_of_the_pool_until_unmapped() {
         ],
     );
     expect_clean(&b);
-    expect_pass(&b, "keeper");
-    expect_exit(&b, "dier", "crash");
+    b.expect_result_pass("keeper");
+    b.expect_domain_exit("dier", "crash");
     let lines = b.console().lines();
     let died = index_of(
         &b,
@@ -225,10 +182,10 @@ fn hostile_sharing_calls_get_xen_errors_and_others_go_on() {
         ],
     );
     expect_clean(&b);
-    expect_pass(&b, "hostile");
-    expect_pass(&b, "ping");
-    expect_pass(&b, "pong");
-    expect_exit(&b, "hostile", "poweroff");
+    b.expect_result_pass("hostile");
+    b.expect_result_pass("ping");
+    b.expect_result_pass("pong");
+    b.expect_domain_exit("hostile", "poweroff");
 }
 
 /// Requests over the ring. A million takes about TCG-dependent seconds; see the report.
@@ -253,8 +210,8 @@ fn a_million_requests_over_a_shared_ring_arrive_in_order() {
         ],
     );
     expect_clean(&b);
-    println!("front: {}", expect_pass(&b, "front"));
-    expect_pass(&b, "back");
+    println!("front: {}", b.expect_result_pass("front"));
+    b.expect_result_pass("back");
 }
 
 #[test]

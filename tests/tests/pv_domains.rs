@@ -4,29 +4,10 @@
 //! the console: domain state lines, `RESULT` lines from the domains, the hypervisor's
 //! memory-balance line, and the exit status.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use bulkhead_build::outcome::Outcome;
-use bulkhead_build::workspace::Workspace;
-use bulkhead_build::{image, system};
-use tests::{Boot, Scenario, scenario_dir};
-
-/// Image builds share one cargo target directory: one at a time.
-static BUILD: Mutex<()> = Mutex::new(());
-
-/// Build the boot image for an inline system description.
-fn image_for(name: &str, toml: &str) -> Vec<u8> {
-    let _g = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    let ws = Workspace::locate();
-    let dir = scenario_dir().join(format!("pv-{name}"));
-    std::fs::create_dir_all(&dir).expect("scenario dir");
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, toml).expect("writing the system description");
-    let sys = system::parse(&path, toml).unwrap_or_else(|e| panic!("system {name}: {e}"));
-    let built = image::write(&ws, &sys, &dir).unwrap_or_else(|e| panic!("image {name}: {e:#}"));
-    std::fs::read(&built.image).expect("reading the built image")
-}
+use tests::{Boot, Scenario};
 
 fn domain(name: &str, krate: &str, mib: u32, cmdline: &str, extra: &str) -> String {
     format!(
@@ -39,7 +20,7 @@ fn system_of(desc: &str, domains: &[String]) -> String {
 }
 
 fn boot(name: &str, smp: u32, toml: &str) -> Boot {
-    let img = image_for(name, toml);
+    let img = tests::system_image("pv", name, toml);
     Scenario::new(name)
         .smp(smp)
         .memory_mib(512)
@@ -47,24 +28,6 @@ fn boot(name: &str, smp: u32, toml: &str) -> Boot {
         .image(img)
         .timeout(Duration::from_secs(120))
         .boot()
-}
-
-/// The line `bulkhead: domain <id> (<name>) exited: <why>` for `name`, if any.
-fn exit_of(b: &Boot, name: &str) -> Option<String> {
-    let needle = format!("({name}) exited: ");
-    b.console()
-        .lines()
-        .iter()
-        .find(|l| l.starts_with("bulkhead: domain ") && l.contains(&needle))
-        .and_then(|l| l.split(&needle).nth(1).map(str::to_string))
-}
-
-fn expect_exit(b: &Boot, name: &str, why: &str) {
-    match exit_of(b, name) {
-        Some(w) if w == why => {}
-        Some(w) => b.fail(&format!("domain {name} exited with {w}, expected {why}")),
-        None => b.fail(&format!("no exit line for domain {name}")),
-    }
 }
 
 /// The `key=value` numbers of domain `name`'s passing RESULT line.
@@ -120,7 +83,7 @@ fn two_domains_print_and_exit_with_their_reasons() {
         if !said_hello {
             b.fail(&format!("domain {n} printed nothing through console_io"));
         }
-        expect_exit(&b, n, "poweroff");
+        b.expect_domain_exit(n, "poweroff");
     }
     expect_balanced(&b);
 }
@@ -143,7 +106,7 @@ fn faulting_domains_are_stopped_and_the_others_go_on() {
     b.expect_outcome(Outcome::CleanPoweroff)
         .expect_no_failed_results();
     for r in bad {
-        expect_exit(&b, r, "fault");
+        b.expect_domain_exit(r, "fault");
         let reported = b.console().lines().iter().any(|l| {
             l.starts_with("bulkhead: domain ")
                 && l.contains(&format!("({r}) fault: vector 14"))
@@ -155,7 +118,7 @@ fn faulting_domains_are_stopped_and_the_others_go_on() {
         }
     }
     result_numbers(&b, "survivor");
-    expect_exit(&b, "survivor", "poweroff");
+    b.expect_domain_exit("survivor", "poweroff");
     expect_balanced(&b);
 }
 
@@ -302,7 +265,7 @@ fn hostile_hypercalls_never_hurt_the_hypervisor_and_memory_limits_hold() {
         b.fail("growing past the memory limit did not answer ENOMEM");
     }
     result_numbers(&b, "survivor");
-    expect_exit(&b, "hostile", "poweroff");
+    b.expect_domain_exit("hostile", "poweroff");
     expect_balanced(&b);
 }
 

@@ -41,15 +41,6 @@ fn boot(name: &str, clients: &[String]) -> Boot {
         .boot()
 }
 
-fn expect_pass(b: &Boot, name: &str) {
-    let results = b.console().results();
-    match results.iter().find(|r| r.name == name) {
-        Some(r) if r.verdict == shared_abi::console::Verdict::Pass => {}
-        Some(r) => b.fail(&format!("{name} reported fail: {}", r.details)),
-        None => b.fail(&format!("no RESULT line from {name}")),
-    }
-}
-
 fn expect_line(b: &Boot, needle: &str) {
     if !b.console().lines().iter().any(|l| l.contains(needle)) {
         b.fail(&format!("no console line containing {needle:?}"));
@@ -82,7 +73,7 @@ fn two_clients_share_the_store_and_a_corrupting_third_is_dropped_alone() {
         "xs_corrupt_reconnected",
         "xs_others_go_on_after_corrupt_client",
     ] {
-        expect_pass(&b, r);
+        b.expect_result_pass(r);
     }
     for m in ["xs_ring_read_ops", "xs_ring_write_ops"] {
         match b.console().metric(m) {
