@@ -1,5 +1,7 @@
 //! blkback-dom: the block backend driver domain (Xen `blkif`), as a host-tested library. The
-//! domain binary (virtio-blk driver, event loop) will be a thin shell around it.
+//! domain binary `blkback-domain` (src/bin/blkback-domain.rs: xenstore watch, grant mapping,
+//! event loop, RAM disk or the assigned virtio-blk disk) is a thin shell around it; dom-rt's
+//! blkfront is tested against it in one process (tests/blkfront.rs).
 //!
 //! - [`device`]: storage behind the engine: [`device::BlockDevice`] (synchronous disk),
 //!   [`device::BlockIo`] (submit now, complete later, in any order), the RAM disk; and, with

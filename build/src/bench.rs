@@ -69,6 +69,8 @@ pub struct QemuBench {
     pub time_limit: Duration,
     /// The metrics every boot must print, named exactly as the `METRIC` lines name them.
     pub metrics: &'static [&'static str],
+    /// QEMU arguments after the project's own (the devices the system's driver domains own).
+    pub qemu_args: &'static [&'static str],
 }
 
 impl QemuBench {
@@ -100,6 +102,7 @@ pub const QEMU_BENCHES: &[QemuBench] = &[
             "domain_switch_cycles",
             "domain_build_ms",
         ],
+        qemu_args: &[],
     },
     // Issue 4: event channels, grants and the shared ring on one CPU. About 1 s per boot.
     QemuBench {
@@ -115,6 +118,7 @@ pub const QEMU_BENCHES: &[QemuBench] = &[
             "gnttab_copy_4k_cycles_batch64",
             "ring_requests_per_s",
         ],
+        qemu_args: &[],
     },
     // Issue 4: the ping-pong pair on two CPUs. Under a second per boot.
     QemuBench {
@@ -123,6 +127,39 @@ pub const QEMU_BENCHES: &[QemuBench] = &[
         boots: 7,
         time_limit: Duration::from_secs(120),
         metrics: &["evtchn_pingpong_cross_cpu_cycles"],
+        qemu_args: &[],
+    },
+    // Issue 6: a driver domain reading a virtio-blk disk (QEMU's null block driver: no file)
+    // behind the emulated VT-d, interrupts as events. A few seconds per boot.
+    QemuBench {
+        system: "driver-bench",
+        smp: 1,
+        boots: 5,
+        time_limit: Duration::from_secs(120),
+        metrics: &["irq_to_event_cycles"],
+        qemu_args: &[
+            "-device",
+            "intel-iommu",
+            "-blockdev",
+            "driver=null-co,node-name=bench0,size=67108864,read-zeroes=on",
+            "-device",
+            "virtio-blk-pci,drive=bench0,addr=03.0,disable-legacy=on,iommu_platform=on",
+        ],
+    },
+    // Issue 7: blkfront through blkback-dom to a RAM disk, -smp 2 (backend and guest each on
+    // a CPU). A few seconds per boot.
+    QemuBench {
+        system: "blk-bench",
+        smp: 2,
+        boots: 3,
+        time_limit: Duration::from_secs(240),
+        metrics: &[
+            "blk_ram_randread_4k_iops_qd1",
+            "blk_ram_randread_4k_iops_qd32",
+            "blk_ram_randwrite_4k_iops_qd32",
+            "blk_ram_seq_1m_mbps",
+        ],
+        qemu_args: &[],
     },
 ];
 
@@ -743,6 +780,11 @@ mod tests {
             "gnttab_copy_4k_cycles_batch16",
             "gnttab_copy_4k_cycles_batch64",
             "ring_requests_per_s",
+            "irq_to_event_cycles",
+            "blk_ram_randread_4k_iops_qd1",
+            "blk_ram_randread_4k_iops_qd32",
+            "blk_ram_randwrite_4k_iops_qd32",
+            "blk_ram_seq_1m_mbps",
         ];
         let mut got = all.clone();
         got.sort_unstable();
@@ -758,9 +800,11 @@ mod tests {
         assert_eq!(chosen("gnttab_copy"), ["evtchn-bench"]);
         assert_eq!(chosen("pingpong"), ["evtchn-bench", "evtchn-bench-smp2"]);
         assert_eq!(chosen("cross_cpu"), ["evtchn-bench-smp2"]);
-        assert_eq!(chosen("cycles").len(), 3);
+        assert_eq!(chosen("cycles").len(), 4);
+        assert_eq!(chosen("irq_to_event"), ["driver-bench"]);
         assert!(chosen("boot_to_ready").is_empty());
-        assert_eq!(QEMU_BENCHES.iter().filter(|b| b.selected(None)).count(), 3);
+        assert_eq!(chosen("blk_ram"), ["blk-bench"]);
+        assert_eq!(QEMU_BENCHES.iter().filter(|b| b.selected(None)).count(), 5);
     }
 
     #[test]

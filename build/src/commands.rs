@@ -477,7 +477,8 @@ fn qemu_bench(ws: &Workspace, b: &QemuBench, max_boots: u32) -> Result<Metrics> 
     let mut samples = Vec::new();
     for i in 1..=boots {
         check_interrupted()?;
-        let run = qemu::run(&cfg, Some(b.time_limit), |_| {})?;
+        let extra: Vec<String> = b.qemu_args.iter().map(|s| s.to_string()).collect();
+        let run = qemu::run_with_args(&cfg, &extra, Some(b.time_limit), |_| {})?;
         let outcome = Outcome::classify(run.ending);
         let judged = run.console.judge_results();
         if outcome != Outcome::CleanPoweroff || !judged.failed.is_empty() {

@@ -24,6 +24,12 @@
 //! # class ("base", "base.sub" or "base.sub.prog_if", hex). insecure_dma (default false) lets
 //! # the device master the bus when no IOMMU confines it.
 //! devices = [{ id = "1af4:1001" }, { bdf = "00:03.0", insecure_dma = false }]
+//! # optional, each "destroy" (default), "restart" or "preserve": what a control domain
+//! # (ctl-dom) does when this domain powers off, reboots or crashes; restart is refused for
+//! # a domain holding domain_control or xenstore_service
+//! on_poweroff = "destroy"
+//! on_reboot = "destroy"
+//! on_crash = "restart"
 //! ```
 
 use std::fmt;
@@ -31,6 +37,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use shared_abi::capability::Capabilities;
+use shared_abi::domain_config::LifecycleAction;
 use shared_abi::manifest::{
     Blob, DomainSpec, MAX_BOOT_DOMAINS, MAX_CMDLINE_LEN, MAX_MEMORY_KIB, MAX_NAME_LEN, MAX_VCPUS,
     MAX_WEIGHT, MIN_MEMORY_KIB,
@@ -72,6 +79,9 @@ pub struct DomainConfig {
     pub cmdline: String,
     /// The PCI functions the domain owns.
     pub devices: Vec<DeviceAssignment>,
+    pub on_poweroff: LifecycleAction,
+    pub on_reboot: LifecycleAction,
+    pub on_crash: LifecycleAction,
 }
 
 impl DomainConfig {
@@ -87,6 +97,9 @@ impl DomainConfig {
             capabilities: self.capabilities,
             cmdline: self.cmdline.clone(),
             devices: self.devices.clone(),
+            on_poweroff: self.on_poweroff,
+            on_reboot: self.on_reboot,
+            on_crash: self.on_crash,
         }
     }
 }
@@ -185,6 +198,9 @@ struct RawDomain {
     cmdline: String,
     #[serde(default)]
     devices: Vec<RawDevice>,
+    on_poweroff: Option<String>,
+    on_reboot: Option<String>,
+    on_crash: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -364,6 +380,35 @@ fn validate_domain(place: &Place, d: RawDomain) -> Result<DomainConfig, SystemEr
             allowed: "only for a domain with the device_owner capability".into(),
         });
     }
+    let action =
+        |field: &'static str, v: &Option<String>| -> Result<LifecycleAction, SystemError> {
+            let Some(v) = v else {
+                return Ok(LifecycleAction::Destroy);
+            };
+            let a = LifecycleAction::from_name(v).ok_or_else(|| SystemError::Invalid {
+                place: place.clone(),
+                field,
+                value: v.clone(),
+                allowed: "one of destroy, restart, preserve".into(),
+            })?;
+            if a == LifecycleAction::Restart
+                && capabilities
+                    .intersects(Capabilities::DOMAIN_CONTROL | Capabilities::XENSTORE_SERVICE)
+            {
+                return Err(SystemError::Invalid {
+                    place: place.clone(),
+                    field,
+                    value: v.clone(),
+                    allowed: "destroy or preserve for a domain holding domain_control or \
+                          xenstore_service (it cannot be restarted safely)"
+                        .into(),
+                });
+            }
+            Ok(a)
+        };
+    let on_poweroff = action("on_poweroff", &d.on_poweroff)?;
+    let on_reboot = action("on_reboot", &d.on_reboot)?;
+    let on_crash = action("on_crash", &d.on_crash)?;
     // Every conversion below is in range: each value was checked against a u32/u64 limit.
     Ok(DomainConfig {
         name: d.name,
@@ -376,6 +421,9 @@ fn validate_domain(place: &Place, d: RawDomain) -> Result<DomainConfig, SystemEr
         capabilities,
         cmdline: d.cmdline,
         devices,
+        on_poweroff,
+        on_reboot,
+        on_crash,
     })
 }
 
@@ -693,6 +741,38 @@ mod tests {
             }
         );
         assert_eq!(s.domains[0].spec().devices, *d);
+    }
+
+    #[test]
+    fn lifecycle_policies_default_to_destroy_and_are_validated() {
+        let s = parse_str(&one_domain("")).unwrap();
+        let d = &s.domains[0];
+        assert_eq!(
+            (d.on_poweroff, d.on_reboot, d.on_crash),
+            (
+                LifecycleAction::Destroy,
+                LifecycleAction::Destroy,
+                LifecycleAction::Destroy
+            )
+        );
+        let s = parse_str(&one_domain(
+            "on_crash = \"restart\"\non_reboot = \"preserve\"",
+        ))
+        .unwrap();
+        let spec = s.domains[0].spec();
+        assert_eq!(spec.on_crash, LifecycleAction::Restart);
+        assert_eq!(spec.on_reboot, LifecycleAction::Preserve);
+        let e = parse_str(&one_domain("on_crash = \"reboot\"")).unwrap_err();
+        assert_eq!(e.field(), Some("on_crash"));
+        assert!(
+            e.to_string().contains("one of destroy, restart, preserve"),
+            "{e}"
+        );
+        let e = parse_str(&one_domain(
+            "capabilities = [\"domain_control\"]\non_poweroff = \"restart\"",
+        ))
+        .unwrap_err();
+        assert_eq!(e.field(), Some("on_poweroff"));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod boot;
 pub mod domain;
 pub mod evtchn;
 pub mod gnttab;
+pub mod irq;
 pub mod mm;
 pub mod pci;
 pub mod policy;

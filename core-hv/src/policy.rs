@@ -87,6 +87,30 @@ pub fn list(caller: Caller) -> Result<ListToken, XenError> {
     }
 }
 
+/// Authority to read the boot domains' manifest entries and rebuild them
+/// (`BOOT_DOMAIN_INFO`, `REBUILD_BOOT_DOMAIN`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct BootToken {
+    caller: DomId,
+}
+
+impl BootToken {
+    pub fn caller(&self) -> DomId {
+        self.caller
+    }
+}
+
+/// May `caller` inspect and rebuild boot domains? Needs `DOMAIN_CONTROL`.
+pub fn boot_domains(caller: Caller) -> Result<BootToken, XenError> {
+    if caller.caps.contains(Capabilities::DOMAIN_CONTROL) {
+        Ok(BootToken {
+            caller: caller.domid,
+        })
+    } else {
+        Err(XenError::EPERM)
+    }
+}
+
 /// Authority to learn which domains a xenstore service domain serves, and the port each
 /// offered it (`XENSTORE_DOMAINS`).
 #[derive(Debug, PartialEq, Eq)]

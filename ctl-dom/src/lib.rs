@@ -17,6 +17,8 @@
 
 extern crate alloc;
 
+pub mod boot_devices;
+pub mod boot_lifecycle;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 mod server;

@@ -331,6 +331,91 @@ pub fn pci_config_write(
     .map(|_| ())
 }
 
+fn physdev(cmd: u64, arg: &mut [u8]) -> Result<u64, XenError> {
+    call(hc::PHYSDEV_OP, [cmd, arg.as_mut_ptr() as u64, 0, 0, 0])
+}
+
+/// Map host-physical `[phys, phys + len)` of one of this domain's BARs uncached into its
+/// device window (`physdev_op` `MAP_BAR`): the domain address of `phys`. Mapping a range again
+/// answers the same address.
+pub fn map_bar(phys: u64, len: u64) -> Result<u64, XenError> {
+    use shared_abi::pci::BarMapOp;
+    let mut b = BarMapOp { phys, len, va: 0 }.to_bytes();
+    physdev(shared_abi::pci::physdev::MAP_BAR, &mut b)?;
+    BarMapOp::from_bytes(&b)
+        .map(|op| op.va)
+        .ok_or(XenError::EFAULT)
+}
+
+/// Statistics of one of this domain's pirqs (`physdev_op` `IRQ_STATS`).
+pub fn irq_stats(pirq: u32) -> Result<shared_abi::pci::IrqStatsOp, XenError> {
+    use shared_abi::pci::IrqStatsOp;
+    let mut b = IrqStatsOp {
+        pirq,
+        ..Default::default()
+    }
+    .to_bytes();
+    physdev(shared_abi::pci::physdev::IRQ_STATS, &mut b)?;
+    IrqStatsOp::from_bytes(&b).ok_or(XenError::EFAULT)
+}
+
+/// `PHYSDEVOP_map_pirq` for MSI-X table entry `entry` of function `dev` (this domain's own):
+/// the pirq to bind with `EVTCHNOP_bind_pirq`.
+pub fn map_pirq(dev: shared_abi::start_info::PciAddress, entry: u16) -> Result<u32, XenError> {
+    use shared_abi::pci::{PhysdevMapPirq, physdev};
+    let mut b = PhysdevMapPirq {
+        domid: shared_abi::domid::DOMID_SELF,
+        pad: 0,
+        map_type: physdev::MAP_PIRQ_TYPE_MSI_SEG,
+        index: -1,
+        pirq: -1,
+        bus: (i32::from(dev.segment) << 16) | i32::from(dev.bus),
+        devfn: i32::from(dev.devfn),
+        entry_nr: i32::from(entry),
+        table_base: 0,
+    }
+    .to_bytes();
+    physdev(physdev::MAP_PIRQ, &mut b)?;
+    let out = PhysdevMapPirq::from_bytes(&b).ok_or(XenError::EFAULT)?;
+    u32::try_from(out.pirq).map_err(|_| XenError::EINVAL)
+}
+
+/// `PHYSDEVOP_unmap_pirq`: mask the entry, close a bound port, free the vector.
+pub fn unmap_pirq(pirq: u32) -> Result<(), XenError> {
+    use shared_abi::pci::PhysdevUnmapPirq;
+    let mut b = PhysdevUnmapPirq {
+        domid: shared_abi::domid::DOMID_SELF,
+        pad: 0,
+        pirq: i32::try_from(pirq).map_err(|_| XenError::EINVAL)?,
+    }
+    .to_bytes();
+    physdev(shared_abi::pci::physdev::UNMAP_PIRQ, &mut b).map(|_| ())
+}
+
+/// `PHYSDEVOP_eoi`: unmask an entry the storm limiter masked, once it may be.
+pub fn eoi(pirq: u32) -> Result<(), XenError> {
+    let mut b = shared_abi::pci::PhysdevEoi { irq: pirq }.to_bytes();
+    physdev(shared_abi::pci::physdev::EOI, &mut b).map(|_| ())
+}
+
+/// `EVTCHNOP_bind_pirq`: an event-channel port that fires when `pirq` does.
+pub fn bind_pirq(pirq: u32) -> Result<u32, XenError> {
+    use shared_abi::event_channel::{EvtchnBindPirq, op};
+    let mut b = EvtchnBindPirq {
+        pirq,
+        flags: 0,
+        port: 0,
+    }
+    .to_bytes();
+    call(
+        hc::EVENT_CHANNEL_OP,
+        [u64::from(op::BIND_PIRQ), b.as_mut_ptr() as u64, 0, 0, 0],
+    )?;
+    EvtchnBindPirq::from_bytes(&b)
+        .map(|a| a.port)
+        .ok_or(XenError::EFAULT)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

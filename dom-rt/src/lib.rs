@@ -12,7 +12,9 @@
 //!   ([`console`], `print!`/`println!`), monotonic time and sleep ([`time`]), an event
 //!   loop that blocks in the hypervisor until there is work ([`event`]), typed event-channel
 //!   calls ([`evtchn`]) and grant tables from both sides with shared-ring regions
-//!   ([`gnttab`]).
+//!   ([`gnttab`]);
+//! - for driver domains, assigned PCI functions, BAR mappings, MSI-X interrupts as events,
+//!   DMA buffers and `virtio-drivers` support ([`device`]).
 //!
 //! `domain.ld` (next to this crate's manifest) is the linker script every domain uses; a
 //! domain's `build.rs` passes it for `target_os = "none"` only, so domain crates still build
@@ -25,7 +27,10 @@
 
 extern crate alloc;
 
+pub mod blkfront;
 pub mod console;
+pub mod device;
+pub mod domctl;
 pub mod event;
 pub mod evtchn;
 pub mod gnttab;

@@ -62,6 +62,24 @@ impl LifecycleAction {
             LifecycleAction::Preserve => "preserve",
         }
     }
+
+    /// The byte code in `domctl` answers (`BootDomain`): 0 destroy, 1 restart, 2 preserve.
+    pub fn code(self) -> u8 {
+        match self {
+            LifecycleAction::Destroy => 0,
+            LifecycleAction::Restart => 1,
+            LifecycleAction::Preserve => 2,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0 => LifecycleAction::Destroy,
+            1 => LifecycleAction::Restart,
+            2 => LifecycleAction::Preserve,
+            _ => return None,
+        })
+    }
 }
 
 /// Disk access mode.

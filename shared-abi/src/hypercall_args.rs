@@ -513,6 +513,82 @@ pub mod domctl {
     );
     /// `putinfo` cap value meaning "unchanged".
     pub const CAP_UNCHANGED: u16 = 0xFFFF;
+
+    /// Bulkhead: describe boot domain (manifest entry) [`BootDomain::index`], or the one
+    /// named [`BootDomain::name`] when the index is [`BOOT_BY_NAME`]: payload in/out =
+    /// [`BootDomain`] (its name, its current domain id, its lifecycle policies and the number
+    /// of boot domains). Needs `DOMAIN_CONTROL`. No such entry: `-ESRCH`.
+    pub const BOOT_DOMAIN_INFO: u32 = 0x4248_0200;
+    /// Bulkhead: rebuild boot domain [`BootDomain::index`] (or by name) from its manifest
+    /// entry and the ELF the boot image still holds, through the same builder as at boot,
+    /// with its PCI devices re-assigned and its xenstore port offered again. Its previous
+    /// domain is destroyed first (a shut-down one; a running one is `-EBUSY`). Answers the
+    /// new domain id (also in the payload's `domid`). Needs `DOMAIN_CONTROL`.
+    pub const REBUILD_BOOT_DOMAIN: u32 = 0x4248_0201;
+    /// [`BootDomain::index`] value: look the entry up by [`BootDomain::name`].
+    pub const BOOT_BY_NAME: u32 = u32::MAX;
+    /// [`BootDomain::domid`] when the entry has no domain (refused at boot).
+    pub const BOOT_NO_DOMAIN: DomId = 0;
+
+    /// `BOOT_DOMAIN_INFO` / `REBUILD_BOOT_DOMAIN` payload. Policies are
+    /// `LifecycleAction::code` bytes (0 destroy, 1 restart, 2 preserve).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct BootDomain {
+        /// In: the manifest index, or [`BOOT_BY_NAME`]. Out: the index.
+        pub index: u32,
+        /// Out: the entry's current domain ([`BOOT_NO_DOMAIN`] if none).
+        pub domid: DomId,
+        pub pad0: u16,
+        pub on_poweroff: u8,
+        pub on_reboot: u8,
+        pub on_crash: u8,
+        pub pad1: u8,
+        /// Out: how many boot domains the manifest names.
+        pub nr_boot_domains: u32,
+        /// In (by name) / out: the entry's name, NUL-padded.
+        pub name: [u8; 32],
+    }
+    assert_layout!(BootDomain, 48; index @ 0, domid @ 4, on_poweroff @ 8, on_reboot @ 9,
+        on_crash @ 10, nr_boot_domains @ 12, name @ 16);
+    wire_struct!(
+        BootDomain,
+        48,
+        |r| BootDomain {
+            index: r.u32(),
+            domid: r.u16(),
+            pad0: r.u16(),
+            on_poweroff: r.bytes::<1>()[0],
+            on_reboot: r.bytes::<1>()[0],
+            on_crash: r.bytes::<1>()[0],
+            pad1: r.bytes::<1>()[0],
+            nr_boot_domains: r.u32(),
+            name: r.bytes()
+        },
+        |s, w| {
+            w.put(&s.index.to_le_bytes());
+            w.put(&s.domid.to_le_bytes());
+            w.put(&s.pad0.to_le_bytes());
+            w.put(&[s.on_poweroff, s.on_reboot, s.on_crash, s.pad1]);
+            w.put(&s.nr_boot_domains.to_le_bytes());
+            w.put(&s.name);
+        }
+    );
+
+    impl BootDomain {
+        /// The name as text (up to the first NUL); `None` if not UTF-8.
+        pub fn name(&self) -> Option<&str> {
+            let end = self.name.iter().position(|&b| b == 0).unwrap_or(32);
+            core::str::from_utf8(&self.name[..end]).ok()
+        }
+
+        /// Set the name (at most 32 bytes are kept).
+        pub fn set_name(&mut self, name: &str) {
+            self.name = [0; 32];
+            let n = name.len().min(32);
+            self.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -586,6 +662,20 @@ mod tests {
             max_domains: 4,
             buffer: 0x2000,
         });
+        let mut bd = BootDomain {
+            index: 2,
+            domid: 7,
+            on_crash: 1,
+            on_reboot: 2,
+            nr_boot_domains: 4,
+            ..Default::default()
+        };
+        bd.set_name("blkback");
+        round_trip(bd);
+        assert_eq!(bd.name(), Some("blkback"));
+        let mut b = [0u8; 48];
+        bd.encode(&mut b);
+        assert_eq!((b[4], b[9], b[10], b[12], b[16]), (7, 2, 1, 4, b'b'));
         round_trip(SchedulerOp {
             sched_id: SCHEDULER_CREDIT,
             cmd: SCHEDOP_PUTINFO,

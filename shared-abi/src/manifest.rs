@@ -27,11 +27,13 @@ use core::ops::Range;
 use serde::{Deserialize, Serialize};
 
 use crate::capability::Capabilities;
+use crate::domain_config::LifecycleAction;
 use crate::pci::{DeviceAssignment, DeviceMatchError, MAX_DEVICE_MATCHES};
 
 pub const IMAGE_MAGIC: [u8; 8] = *b"BULKHEAD";
-/// Version 2 added [`DomainSpec::devices`].
-pub const IMAGE_VERSION: u32 = 2;
+/// Version 2 added [`DomainSpec::devices`]; version 3 the lifecycle policies
+/// ([`DomainSpec::on_poweroff`], [`DomainSpec::on_reboot`], [`DomainSpec::on_crash`]).
+pub const IMAGE_VERSION: u32 = 3;
 pub const HEADER_LEN: usize = 64;
 
 /// Limits on what a manifest may ask for; values outside are refused, not clamped.
@@ -76,6 +78,26 @@ pub struct DomainSpec {
     /// The PCI functions this domain owns (at most [`MAX_DEVICE_MATCHES`] matches; needs
     /// [`Capabilities::DEVICE_OWNER`]). Resolved against the enumerated functions at boot.
     pub devices: Vec<DeviceAssignment>,
+    /// What the control domain does when this domain powers off, reboots or crashes
+    /// (xl's `on_*`; [`LifecycleAction::Destroy`] by default). Applied by a domain holding
+    /// `DOMAIN_CONTROL` through the hypervisor's rebuild-boot-domain domctl; without one, every
+    /// dead boot domain stays destroyed. `Preserve` also tells the hypervisor to keep the
+    /// domain's memory when it shuts down (not when it faults).
+    pub on_poweroff: LifecycleAction,
+    pub on_reboot: LifecycleAction,
+    pub on_crash: LifecycleAction,
+}
+
+impl DomainSpec {
+    /// The policy for a Xen `SHUTDOWN_*` reason (poweroff, reboot; everything else, a fault
+    /// included, counts as a crash).
+    pub fn action_for(&self, shutdown_reason: u32) -> LifecycleAction {
+        match shutdown_reason {
+            0 => self.on_poweroff,
+            1 => self.on_reboot,
+            _ => self.on_crash,
+        }
+    }
 }
 
 /// The manifest: the boot domains, built in order.
@@ -183,6 +205,9 @@ pub enum DomainProblem {
         error: DeviceMatchError,
     },
     DevicesWithoutCapability,
+    /// `restart` for a domain holding `domain_control` or `xenstore_service`: the domain that
+    /// applies the policies (or every other domain's store) cannot restart itself safely.
+    RestartOfServiceDomain,
 }
 
 impl fmt::Display for ImageError {
@@ -285,6 +310,11 @@ impl fmt::Display for ImageError {
                     DomainProblem::DevicesWithoutCapability => write!(
                         f,
                         "devices are assigned but the domain lacks the device_owner capability"
+                    ),
+                    DomainProblem::RestartOfServiceDomain => write!(
+                        f,
+                        "on_poweroff/on_reboot/on_crash = restart is not allowed for a domain \
+                         holding domain_control or xenstore_service"
                     ),
                 }
             }
@@ -450,6 +480,13 @@ fn validate_manifest(m: &Manifest, payload: Range<u64>) -> Result<(), ImageError
         if !d.devices.is_empty() && !d.capabilities.contains(Capabilities::DEVICE_OWNER) {
             return fail(DomainProblem::DevicesWithoutCapability);
         }
+        let restarts = [d.on_poweroff, d.on_reboot, d.on_crash].contains(&LifecycleAction::Restart);
+        if restarts
+            && d.capabilities
+                .intersects(Capabilities::DOMAIN_CONTROL | Capabilities::XENSTORE_SERVICE)
+        {
+            return fail(DomainProblem::RestartOfServiceDomain);
+        }
     }
     Ok(())
 }
@@ -540,6 +577,9 @@ mod tests {
             capabilities: Capabilities::empty(),
             cmdline: String::new(),
             devices: Vec::new(),
+            on_poweroff: LifecycleAction::Destroy,
+            on_reboot: LifecycleAction::Destroy,
+            on_crash: LifecycleAction::Destroy,
         }
     }
 
@@ -792,6 +832,68 @@ mod tests {
     }
 
     #[test]
+    fn lifecycle_policies_round_trip_and_pick_by_reason() {
+        let mut s = spec("drv");
+        s.on_crash = LifecycleAction::Restart;
+        s.on_reboot = LifecycleAction::Preserve;
+        let elf = vec![1u8; 10];
+        let img = build_image(&[ImageDomain {
+            spec: s.clone(),
+            elf: &elf,
+        }])
+        .unwrap();
+        let d = &parse_image(&img).unwrap().manifest.domains[0];
+        assert_eq!(
+            (d.on_poweroff, d.on_reboot, d.on_crash),
+            (s.on_poweroff, s.on_reboot, s.on_crash)
+        );
+        assert_eq!(d.action_for(0), LifecycleAction::Destroy);
+        assert_eq!(d.action_for(1), LifecycleAction::Preserve);
+        assert_eq!(d.action_for(3), LifecycleAction::Restart);
+        assert_eq!(d.action_for(99), LifecycleAction::Restart);
+    }
+
+    #[test]
+    fn restart_of_a_service_domain_is_refused() {
+        let mut m = one_domain_manifest();
+        m.domains[0].on_crash = LifecycleAction::Restart;
+        assert_eq!(validate_manifest(&m, 64..8192), Ok(()));
+        for cap in [Capabilities::DOMAIN_CONTROL, Capabilities::XENSTORE_SERVICE] {
+            m.domains[0].capabilities = cap;
+            let e = validate_manifest(&m, 64..8192).unwrap_err();
+            assert_eq!(
+                e,
+                ImageError::Domain {
+                    index: 0,
+                    problem: DomainProblem::RestartOfServiceDomain
+                }
+            );
+            assert!(e.to_string().contains("restart is not allowed"), "{e}");
+        }
+        m.domains[0].on_crash = LifecycleAction::Preserve;
+        assert_eq!(validate_manifest(&m, 64..8192), Ok(()));
+    }
+
+    #[test]
+    fn undecodable_policy_is_refused() {
+        // A policy byte past the enum's variants makes the manifest undecodable.
+        let mut s = spec("a");
+        s.on_crash = LifecycleAction::Preserve;
+        let elf = vec![1u8; 10];
+        let img = build_image(&[ImageDomain { spec: s, elf: &elf }]).unwrap();
+        let mlen = le_u32(&img, 16) as usize;
+        // The last three manifest bytes are the three policies (varint enum tags).
+        let mut bad = img.clone();
+        assert_eq!(bad[HEADER_LEN + mlen - 1], 2);
+        bad[HEADER_LEN + mlen - 1] = 7;
+        reseal(&mut bad);
+        assert_eq!(
+            parse_image(&bad).unwrap_err(),
+            ImageError::ManifestUndecodable
+        );
+    }
+
+    #[test]
     fn version_one_images_are_refused() {
         let img = two_domain_image();
         let mut old = img.clone();
@@ -799,6 +901,12 @@ mod tests {
         assert_eq!(
             parse_image(&old).unwrap_err(),
             ImageError::UnsupportedVersion { found: 1 }
+        );
+        let mut v2 = img.clone();
+        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+        assert_eq!(
+            parse_image(&v2).unwrap_err(),
+            ImageError::UnsupportedVersion { found: 2 }
         );
     }
 

@@ -242,7 +242,108 @@ pub mod physdev {
     pub const PCI_CONFIG_READ: u64 = 0x4200;
     /// Write `value` (`size` bytes) at `offset`.
     pub const PCI_CONFIG_WRITE: u64 = 0x4201;
+    /// Map host-physical `[phys, phys + len)` of a memory BAR of one of the caller's own
+    /// functions uncached into its device window; argument [`super::BarMapOp`]. The range
+    /// must lie inside one BAR and off the MSI-X table and PBA pages (those stay the
+    /// hypervisor's): `-EPERM` otherwise, `-EINVAL` for an empty or overflowing range,
+    /// `-ENOSPC` when the device window is full. Mapping pages already mapped returns the same
+    /// address. `va` receives the domain address of `phys` itself (page offset kept).
+    pub const MAP_BAR: u64 = 0x4202;
+    /// Statistics of one of the caller's pirqs; argument [`super::IrqStatsOp`]
+    /// (`-EINVAL` for a pirq the caller does not hold).
+    pub const IRQ_STATS: u64 = 0x4203;
+
+    /// Xen's `PHYSDEVOP_eoi`: argument [`super::PhysdevEoi`]. Unmasks an MSI-X entry the
+    /// storm limiter masked once its quiet period has passed; otherwise a no-op (MSI-X is
+    /// edge-triggered and the hypervisor acknowledges the local APIC itself).
+    pub const EOI: u64 = 12;
+    /// Xen's `PHYSDEVOP_map_pirq`: argument [`super::PhysdevMapPirq`]. Only
+    /// `MAP_PIRQ_TYPE_MSI` and `MAP_PIRQ_TYPE_MSI_SEG` with `index = -1`, `domid` =
+    /// `DOMID_SELF` or the caller, a function the caller owns with MSI-X, and
+    /// `0 <= entry_nr < table size`; `table_base` is ignored (the hypervisor knows the
+    /// table). `pirq` receives the number to bind with `EVTCHNOP_bind_pirq`. The hypervisor
+    /// allocates a CPU vector, writes the table entry and unmasks it; the owner enables MSI-X
+    /// in the capability's control register itself.
+    pub const MAP_PIRQ: u64 = 13;
+    /// Xen's `PHYSDEVOP_unmap_pirq`: argument [`super::PhysdevUnmapPirq`]; masks the entry,
+    /// closes a bound port, frees the vector.
+    pub const UNMAP_PIRQ: u64 = 14;
+
+    /// `MAP_PIRQ_TYPE_MSI`: `bus` is the bus, segment 0.
+    pub const MAP_PIRQ_TYPE_MSI: i32 = 0;
+    /// `MAP_PIRQ_TYPE_MSI_SEG`: `bus` holds `segment << 16 | bus`.
+    pub const MAP_PIRQ_TYPE_MSI_SEG: i32 = 3;
 }
+
+/// The argument of [`physdev::MAP_BAR`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BarMapOp {
+    /// Host-physical address (as the BAR register holds it).
+    pub phys: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Out: the domain address of `phys`.
+    pub va: u64,
+}
+crate::ring::le_struct!(BarMapOp, 24; phys: u64 @ 0, len: u64 @ 8, va: u64 @ 16);
+
+/// The argument of [`physdev::IRQ_STATS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IrqStatsOp {
+    pub pirq: u32,
+    /// Must be zero.
+    pub pad: u32,
+    /// Out: interrupts the device raised.
+    pub raised: u64,
+    /// Out: events delivered (raised minus those dropped while masked by the limiter).
+    pub delivered: u64,
+    /// Out: how often the storm limiter masked the entry.
+    pub storms: u64,
+    /// Out: time-stamp counter when the hypervisor took the last interrupt (its first
+    /// instruction), to measure interrupt-to-event latency against the domain's own TSC.
+    pub last_tsc: u64,
+}
+crate::ring::le_struct!(IrqStatsOp, 40; pirq: u32 @ 0, pad: u32 @ 4, raised: u64 @ 8,
+    delivered: u64 @ 16, storms: u64 @ 24, last_tsc: u64 @ 32);
+
+/// Xen's `struct physdev_map_pirq` (x86-64 layout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PhysdevMapPirq {
+    pub domid: u16,
+    pub pad: u16,
+    pub map_type: i32,
+    pub index: i32,
+    /// In (ignored: the hypervisor chooses) and out.
+    pub pirq: i32,
+    pub bus: i32,
+    pub devfn: i32,
+    pub entry_nr: i32,
+    pub table_base: u64,
+}
+crate::ring::le_struct!(PhysdevMapPirq, 40; domid: u16 @ 0, pad: u16 @ 2, map_type: i32 @ 4,
+    index: i32 @ 8, pirq: i32 @ 12, bus: i32 @ 16, devfn: i32 @ 20, entry_nr: i32 @ 24,
+    table_base: u64 @ 32);
+
+/// Xen's `struct physdev_unmap_pirq`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PhysdevUnmapPirq {
+    pub domid: u16,
+    pub pad: u16,
+    pub pirq: i32,
+}
+crate::ring::le_struct!(PhysdevUnmapPirq, 8; domid: u16 @ 0, pad: u16 @ 2, pirq: i32 @ 4);
+
+/// Xen's `struct physdev_eoi`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PhysdevEoi {
+    pub irq: u32,
+}
+crate::ring::le_struct!(PhysdevEoi, 4; irq: u32 @ 0);
 
 /// The argument of [`physdev::PCI_CONFIG_READ`] and [`physdev::PCI_CONFIG_WRITE`].
 #[repr(C)]

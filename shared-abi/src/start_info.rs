@@ -63,6 +63,11 @@ const _: () = assert!(
 pub const HEAP_BASE: u64 = 2 << 30;
 /// End (exclusive) of the heap window.
 pub const HEAP_END: u64 = 256 << 30;
+/// Start of the device window: the uncached mappings of a driver domain's BAR pages
+/// (`physdev::MAP_BAR`), never part of the domain's memory nor of its DMA space.
+pub const DEVICE_MMIO_BASE: u64 = HEAP_END;
+/// End (exclusive) of the device window.
+pub const DEVICE_MMIO_END: u64 = 320 << 30;
 /// End (exclusive) of every domain address: one PML4 slot.
 pub const DOMAIN_VA_END: u64 = 512 << 30;
 /// Top of the boot stack (exclusive); the initial `RSP`.

@@ -372,6 +372,9 @@ pub mod corrupt {
             capabilities: Default::default(),
             cmdline: String::new(),
             devices: Vec::new(),
+            on_poweroff: shared_abi::domain_config::LifecycleAction::Destroy,
+            on_reboot: shared_abi::domain_config::LifecycleAction::Destroy,
+            on_crash: shared_abi::domain_config::LifecycleAction::Destroy,
         };
         let a = vec![0x7f; 6000];
         let b = vec![0x45; 300];

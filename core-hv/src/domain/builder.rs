@@ -377,6 +377,7 @@ impl Hypervisor {
                     evtchn,
                     grants,
                     instance: self.next_instance,
+                    mmio: Vec::new(),
                 };
                 self.next_instance += 1;
                 d.set_state(DomainState::Running);

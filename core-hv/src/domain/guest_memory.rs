@@ -55,7 +55,9 @@ impl<'a> GuestMemory<'a> {
         let mut page = first;
         while page < end {
             match self.aspace.translate(page) {
-                Some((_, perms)) if perms.contains(need) => {}
+                // Device pages are not memory: an argument there is refused, not copied.
+                Some((_, perms))
+                    if perms.contains(need) && !perms.contains(PagePerms::UNCACHED) => {}
                 _ => return Err(XenError::EFAULT),
             }
             page += PAGE_SIZE;

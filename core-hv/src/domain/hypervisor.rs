@@ -100,6 +100,11 @@ pub struct Hypervisor {
     /// Driver domains' PCI configuration access (`physdev_op`); `None` until the arch layer
     /// installs it (no PCI: every call answers `-ENODEV`).
     pub pci: Option<alloc::boxed::Box<dyn crate::pci::owner::OwnerConfig>>,
+    /// Device interrupts mapped by driver domains (`physdev_op` map_pirq).
+    pub irqs: crate::irq::IrqTable,
+    /// The boot domains' manifest entries, kept for rebuilds (`None` until the arch layer
+    /// installs them; see [`super::boot`]).
+    pub boot: Option<alloc::boxed::Box<super::boot::BootSet>>,
 }
 
 impl Hypervisor {
@@ -114,6 +119,8 @@ impl Hypervisor {
             frame_refs: Mutex::new(FrameRefs::default()),
             next_instance: 1,
             pci: None,
+            irqs: crate::irq::IrqTable::default(),
+            boot: None,
         }
     }
 
@@ -160,7 +167,9 @@ impl Hypervisor {
         p.console.write(line.as_bytes());
         let mut kicks = self.sched.pause_domain(dom, now);
         kicks = kicks.union(self.raise_dom_exc(p));
-        if self.config.destroy_on_shutdown || matches!(exit, ExitReason::Fault(_)) {
+        // A boot domain whose policy for this reason is `preserve` keeps its memory.
+        let preserve = self.boot.as_ref().is_some_and(|b| b.preserves(dom, reason));
+        if (self.config.destroy_on_shutdown && !preserve) || matches!(exit, ExitReason::Fault(_)) {
             kicks = kicks.union(self.destroy_domain(p, dom));
         }
         kicks
@@ -179,6 +188,8 @@ impl Hypervisor {
         if let Some(pci) = self.pci.as_mut() {
             pci.release(dom);
         }
+        // Its devices are quiesced (MSI-X off): their vectors can go.
+        self.irqs.release_domain(dom);
         let mut kicks = self.sched.remove_domain(dom);
         self.release_sharing(p, dom);
         kicks = kicks.union(self.raise_dom_exc(p));
@@ -232,7 +243,7 @@ impl Hypervisor {
     }
 
     /// Raise `VIRQ_DOM_EXC` in every live domain that bound it (a domain stopped or died).
-    fn raise_dom_exc(&mut self, p: &mut Platform<'_>) -> CpuSet {
+    pub(crate) fn raise_dom_exc(&mut self, p: &mut Platform<'_>) -> CpuSet {
         let targets: Vec<DomId> = self
             .domains
             .iter()
@@ -311,6 +322,12 @@ impl Hypervisor {
                 pool: &mut *p.frames,
             };
             if let Some(mut aspace) = d.aspace.take() {
+                // Device pages are not the domain's frames: unmapped, never freed.
+                for m in core::mem::take(&mut d.mmio) {
+                    for i in 0..m.pages {
+                        aspace.unmap(m.va + i * crate::domain::memory::PAGE_SIZE);
+                    }
+                }
                 for (va, f) in core::mem::take(&mut d.pages) {
                     aspace.unmap(va);
                     if self.frame_refs.lock().release(f) {
@@ -393,7 +410,55 @@ impl Hypervisor {
             r.kicks = r.kicks.union(CpuSet(k.0 & !(1u64 << cpu.min(63))));
         }
         r.timers_fired = fired;
+        if self.irqs.next_unmask().is_some_and(|t| now >= t) {
+            for u in self.irqs.due_unmasks(now) {
+                if let Some(pci) = self.pci.as_mut() {
+                    pci.msix_mask(u.owner, u.address, u.entry, false);
+                }
+            }
+        }
         r
+    }
+
+    /// A device interrupt on CPU `vector` (taken at `tsc`): the bound port of its pirq goes
+    /// pending; a storming entry is masked at the device and reported. Returns the CPUs to
+    /// kick (the woken vCPU's).
+    pub fn device_interrupt(&mut self, p: &mut Platform<'_>, vector: u8, tsc: u64) -> CpuSet {
+        use crate::irq::IrqAction;
+        let now = p.clock.now_ns();
+        let deliver = match self.irqs.interrupt(vector, now, tsc) {
+            IrqAction::Stray | IrqAction::Unbound => None,
+            IrqAction::Deliver { owner, port, pirq } => Some((owner, port, pirq)),
+            IrqAction::Storm {
+                owner,
+                address,
+                entry,
+                deliver,
+            } => {
+                if let Some(pci) = self.pci.as_mut() {
+                    pci.msix_mask(owner, address, entry, true);
+                }
+                let line = alloc::format!(
+                    "(hv) interrupt storm from {:02x}:{:02x}.{} MSI-X entry {entry} (domain {owner}): masked for a quiet period\n",
+                    address.bus,
+                    address.device,
+                    address.function
+                );
+                p.console.write(line.as_bytes());
+                deliver.map(|(port, pirq)| (owner, port, pirq))
+            }
+        };
+        let Some((owner, port, pirq)) = deliver else {
+            return CpuSet::EMPTY;
+        };
+        let delivery = match self.domains.get(owner).and_then(|d| d.evtchn.as_ref()) {
+            Some(e) => e.lock().raise_pirq(port, pirq),
+            None => None,
+        };
+        match delivery {
+            Some(d) => self.deliver(p, owner, d),
+            None => CpuSet::EMPTY,
+        }
     }
 
     /// Pick what `cpu` runs next. Before entering the chosen vCPU the arch layer loads its

@@ -29,6 +29,9 @@ bitflags! {
         const WRITE = 1 << 1;
         /// Executable (NX clear).
         const EXEC = 1 << 2;
+        /// Device memory (a BAR page): uncached, never RAM. The hypervisor never copies
+        /// hypercall arguments through such a page and never frees its frame.
+        const UNCACHED = 1 << 3;
     }
 }
 

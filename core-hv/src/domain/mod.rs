@@ -30,6 +30,7 @@
 //! their frames referenced); only later, in `reap`, are its pages freed, a referenced page
 //! becoming an orphan that returns to the pool on its last unmap.
 
+pub mod boot;
 pub mod builder;
 pub mod console;
 pub mod elf;
@@ -235,6 +236,17 @@ pub struct Domain {
     pub grants: Option<spin::Mutex<crate::gnttab::DomainGrants<shared::GrantFrames>>>,
     /// Differs between any two domains ever built in this boot (grant mappings record it).
     pub instance: u64,
+    /// Device (BAR) pages mapped into its device window (`physdev_op` map_bar).
+    pub mmio: Vec<MmioMapping>,
+}
+
+/// A run of a device's pages mapped uncached at `va` (not the domain's frames).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioMapping {
+    pub va: u64,
+    /// Host-physical address of the first page.
+    pub phys: u64,
+    pub pages: u64,
 }
 
 impl Domain {

@@ -195,6 +195,44 @@ impl<S: EventWords> DomainEvtchn<S> {
         Ok(port)
     }
 
+    /// `EVTCHNOP_bind_pirq` (the caller checked that this domain holds `pirq`). Errors:
+    /// `EEXIST` (a port already receives it), `ENOSPC`.
+    pub fn bind_pirq(&mut self, pirq: u32) -> Result<EvtchnPort, XenError> {
+        if self
+            .table
+            .ports_in_use()
+            .any(|(_, c)| c.state == PortState::Pirq { pirq })
+        {
+            return Err(XenError::EEXIST);
+        }
+        let port = self.table.find_free()?;
+        self.table.transition(port, PortState::Pirq { pirq })?;
+        Ok(port)
+    }
+
+    /// A device interrupt for `pirq` on `port`: set it pending if the port still receives
+    /// that pirq (a port closed and reused since is left alone).
+    pub fn raise_pirq(&mut self, port: EvtchnPort, pirq: u32) -> Option<Delivery> {
+        let chan = self.table.get(port)?;
+        if chan.state != (PortState::Pirq { pirq }) {
+            return None;
+        }
+        Some(delivery::set_pending(&self.words, port, chan.notify_vcpu))
+    }
+
+    /// The pirq behind `port` went away (`unmap_pirq`): free the port if it still receives
+    /// that pirq.
+    pub fn close_pirq_port(&mut self, port: EvtchnPort, pirq: u32) {
+        if self
+            .table
+            .get(port)
+            .is_some_and(|c| c.state == PortState::Pirq { pirq })
+        {
+            self.words.clear_pending(port);
+            let _ = self.table.transition(port, PortState::Free);
+        }
+    }
+
     /// `EVTCHNOP_bind_ipi`. Errors: `ENOENT` (no such vCPU), `ENOSPC`.
     pub fn bind_ipi(&mut self, vcpu: VcpuId) -> Result<EvtchnPort, XenError> {
         if !self.table.vcpu_exists(vcpu) {
@@ -240,7 +278,10 @@ impl<S: EventWords> DomainEvtchn<S> {
                         .transition(remote_port, PortState::Unbound { remote: local_dom })?;
                 }
             }
-            PortState::Unbound { .. } | PortState::Virq { .. } | PortState::Ipi { .. } => {}
+            PortState::Unbound { .. }
+            | PortState::Virq { .. }
+            | PortState::Ipi { .. }
+            | PortState::Pirq { .. } => {}
         }
         self.words.clear_pending(port);
         self.table.transition(port, PortState::Free)?;
@@ -290,7 +331,10 @@ impl<S: EventWords> DomainEvtchn<S> {
                 })))
             }
             PortState::Unbound { .. } => Ok(Step::Done(None)),
-            PortState::Free | PortState::Reserved | PortState::Virq { .. } => Err(XenError::EINVAL),
+            PortState::Free
+            | PortState::Reserved
+            | PortState::Virq { .. }
+            | PortState::Pirq { .. } => Err(XenError::EINVAL),
         }
     }
 
@@ -322,6 +366,7 @@ impl<S: EventWords> DomainEvtchn<S> {
                 port: remote_port,
             },
             PortState::Virq { virq, .. } => StatusInfo::Virq(virq),
+            PortState::Pirq { pirq } => StatusInfo::Pirq(pirq),
             PortState::Ipi { .. } => StatusInfo::Ipi,
         };
         Ok((info, chan.notify_vcpu))
@@ -344,7 +389,7 @@ impl<S: EventWords> DomainEvtchn<S> {
         let chan = self.table.get(port).ok_or(XenError::EINVAL)?;
         match chan.state {
             PortState::Virq { virq, .. } if virq::kind(virq) != virq::VirqKind::PerVcpu => {}
-            PortState::Unbound { .. } | PortState::Interdomain { .. } => {}
+            PortState::Unbound { .. } | PortState::Interdomain { .. } | PortState::Pirq { .. } => {}
             _ => return Err(XenError::EINVAL),
         }
         self.table.set_notify_vcpu(port, vcpu)

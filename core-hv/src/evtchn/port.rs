@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!   Reserved (port 0)         never changes
-//!   Free        -> Unbound | Interdomain | Virq | Ipi      (alloc_unbound / bind_*)
+//!   Free        -> Unbound | Interdomain | Virq | Ipi | Pirq   (alloc_unbound / bind_*)
 //!   Unbound     -> Interdomain                             (the remote bound to it)
 //!   Interdomain -> Unbound                                 (the remote closed its end)
 //!   any but Reserved/Free -> Free                          (close / reset)
@@ -48,6 +48,8 @@ pub enum PortState {
     Virq { virq: u32, vcpu: VcpuId },
     /// Inter-processor interrupt to `vcpu` of this domain.
     Ipi { vcpu: VcpuId },
+    /// Receives a device interrupt (`crate::irq`): the pirq it was bound to.
+    Pirq { pirq: u32 },
 }
 
 impl PortState {
@@ -57,11 +59,11 @@ impl PortState {
             (self, to),
             (
                 Free,
-                Unbound { .. } | Interdomain { .. } | Virq { .. } | Ipi { .. }
+                Unbound { .. } | Interdomain { .. } | Virq { .. } | Ipi { .. } | Pirq { .. }
             ) | (Unbound { .. }, Interdomain { .. })
                 | (Interdomain { .. }, Unbound { .. })
                 | (
-                    Unbound { .. } | Interdomain { .. } | Virq { .. } | Ipi { .. },
+                    Unbound { .. } | Interdomain { .. } | Virq { .. } | Ipi { .. } | Pirq { .. },
                     Free
                 )
         )

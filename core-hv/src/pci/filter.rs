@@ -26,6 +26,7 @@ use shared_abi::errno::XenError;
 
 use super::assign::Assignment;
 use super::bar::{BarKind, BarSlot, ROM_SLOT};
+use super::caps::Msix;
 use super::enumerate::Function;
 use super::{ConfigAccess, Header, HeaderType, PciAddress, access_ok, command, reg};
 
@@ -81,6 +82,7 @@ struct Owned {
     slots: [Slot; 7],
     /// Byte ranges `[start, end)` whose contents may not change.
     protected: heapless::Vec<(u16, u16), MAX_PROTECTED>,
+    msix: Option<Msix>,
 }
 
 /// BARs of functions no domain owns: fixed, but nothing may be moved onto them.
@@ -96,6 +98,19 @@ struct FixedBar {
 pub struct ConfigFilter {
     owned: Vec<Owned>,
     fixed: Vec<FixedBar>,
+    /// Functions taken back from dead owners, as they were left: [`ConfigFilter::reassign`]
+    /// hands them to a new owner without losing where their BARs now are.
+    released: Vec<Owned>,
+}
+
+/// Where an MSI-X table lies for the hypervisor to program it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsixTable {
+    pub entries: u16,
+    /// Physical address of entry 0.
+    pub phys: u64,
+    /// The capability's offset in config space.
+    pub cap_offset: u16,
 }
 
 fn slot_from(s: &BarSlot) -> Slot {
@@ -162,6 +177,7 @@ impl ConfigFilter {
                         header: f.header,
                         slots,
                         protected: protected_ranges(f),
+                        msix: f.msix,
                     });
                 }
                 _ => {
@@ -217,9 +233,124 @@ impl ConfigFilter {
                     });
                 }
             }
+            self.released.retain(|r| r.address != o.address);
+            self.released.push(o);
         }
         self.owned = kept;
         out
+    }
+
+    /// Hand a function taken back by [`ConfigFilter::release`] to `owner` (a restarted
+    /// driver domain): its BARs stop being obstacles and become that owner's windows again,
+    /// DMA counts as unconfined until [`ConfigFilter::set_confined`]. `false` if `address`
+    /// was never released (or is owned now).
+    pub fn reassign(&mut self, address: PciAddress, owner: DomId) -> bool {
+        let Some(i) = self.released.iter().position(|r| r.address == address) else {
+            return false;
+        };
+        let mut o = self.released.swap_remove(i);
+        for (slot, s) in o.slots.iter().enumerate() {
+            if let Slot::Bar(b) = s
+                && slot != ROM_SLOT as usize
+            {
+                let start = b.current.unwrap_or(b.original);
+                let end = start.saturating_add(b.size);
+                if let Some(k) = self
+                    .fixed
+                    .iter()
+                    .position(|f| f.space == b.space() && f.start == start && f.end == end)
+                {
+                    self.fixed.swap_remove(k);
+                }
+            }
+        }
+        o.owner = owner;
+        o.confined = false;
+        self.owned.push(o);
+        true
+    }
+
+    /// The physical base of `o`'s memory BAR `slot`, where it decodes now.
+    fn placed_mem_bar(o: &Owned, slot: u8) -> Option<(u64, u64)> {
+        match o.slots.get(slot as usize)? {
+            Slot::Bar(b) if b.space() == Space::Mem && slot != ROM_SLOT => {
+                Some((b.current?, b.size))
+            }
+            _ => None,
+        }
+    }
+
+    /// Page-rounded `[start, end)` of the MSI-X table and PBA of `o` (where placed).
+    fn msix_pages(o: &Owned) -> heapless::Vec<(u64, u64), 2> {
+        let mut out = heapless::Vec::new();
+        let Some(m) = &o.msix else { return out };
+        let table_len = u64::from(m.entries) * 16;
+        let pba_len = u64::from(m.entries).div_ceil(64) * 8;
+        for (bir, off, len) in [
+            (m.table_bir, m.table_offset, table_len),
+            (m.pba_bir, m.pba_offset, pba_len),
+        ] {
+            if let Some((base, _)) = Self::placed_mem_bar(o, bir) {
+                let start = base.saturating_add(u64::from(off)) & !0xfff;
+                let end = base
+                    .saturating_add(u64::from(off))
+                    .saturating_add(len)
+                    .saturating_add(0xfff)
+                    & !0xfff;
+                let _ = out.push((start, end));
+            }
+        }
+        out
+    }
+
+    /// May `domain` map host-physical `[phys, phys + len)`? Only inside one placed memory
+    /// BAR of a function it owns, and on no page of that function's MSI-X table or PBA (the
+    /// hypervisor programs those: a domain writing them could aim interrupts anywhere).
+    /// Returns the function. `EINVAL` for an empty or wrapping range, `ENODEV` if it owns
+    /// nothing, `EPERM` otherwise.
+    pub fn bar_window(&self, domain: DomId, phys: u64, len: u64) -> Result<PciAddress, XenError> {
+        let end = phys
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(XenError::EINVAL)?;
+        let mut owns_any = false;
+        for o in self.owned.iter().filter(|o| o.owner == domain) {
+            owns_any = true;
+            let inside = (0..6u8).any(|slot| {
+                Self::placed_mem_bar(o, slot)
+                    .is_some_and(|(base, size)| phys >= base && end <= base.saturating_add(size))
+            });
+            if !inside {
+                continue;
+            }
+            let (p0, p1) = (phys & !0xfff, end.saturating_add(0xfff) & !0xfff);
+            if Self::msix_pages(o).iter().any(|&(s, e)| p0 < e && s < p1) {
+                return Err(XenError::EPERM);
+            }
+            return Ok(o.address);
+        }
+        Err(if owns_any {
+            XenError::EPERM
+        } else {
+            XenError::ENODEV
+        })
+    }
+
+    /// The MSI-X table of `domain`'s function `address`. `ENODEV` if not its own, `EINVAL`
+    /// without MSI-X, `EBUSY` while the table's BAR is not placed.
+    pub fn msix_table(&self, domain: DomId, address: PciAddress) -> Result<MsixTable, XenError> {
+        let o = &self.owned[self.find(domain, address)?];
+        let m = o.msix.as_ref().ok_or(XenError::EINVAL)?;
+        let (base, size) = Self::placed_mem_bar(o, m.table_bir).ok_or(XenError::EBUSY)?;
+        let len = u64::from(m.entries) * 16;
+        if u64::from(m.table_offset).saturating_add(len) > size {
+            return Err(XenError::EINVAL);
+        }
+        Ok(MsixTable {
+            entries: m.entries,
+            phys: base + u64::from(m.table_offset),
+            cap_offset: m.offset,
+        })
     }
 
     /// The owner of `address`, if assigned.
@@ -789,5 +920,79 @@ mod tests {
         assert_eq!(cfg.read16(BLK, reg::COMMAND) & command::BUS_MASTER, 0);
         assert_eq!(cfg.read16(BLK, 0x72) & 1, 0);
         assert_eq!(cfg.read16(BLK, 0x9a) & 0xc000, 0x4000);
+    }
+
+    #[test]
+    fn bar_window_allows_own_bars_off_the_msix_pages_only() {
+        let (_, f) = setup(false);
+        // BAR4 (64-bit, 16 KiB) is free of MSI-X structures.
+        assert_eq!(f.bar_window(DOM, 0x8_0000_0000, 0x4000), Ok(BLK));
+        assert_eq!(f.bar_window(DOM, 0x8_0000_3000, 0x10), Ok(BLK));
+        // Table and PBA live in BAR1: every page of it is the hypervisor's.
+        assert_eq!(f.bar_window(DOM, 0xfe10_0000, 16), Err(XenError::EPERM));
+        assert_eq!(f.bar_window(DOM, 0xfe10_0ff0, 8), Err(XenError::EPERM));
+        // BAR2 is next to it and free.
+        assert_eq!(f.bar_window(DOM, 0xfe10_1000, 0x1000), Ok(BLK));
+        // Straddling two BARs, past the end, another domain's BAR, unowned, RAM.
+        assert_eq!(f.bar_window(DOM, 0xfe10_0f00, 0x200), Err(XenError::EPERM));
+        assert_eq!(
+            f.bar_window(DOM, 0x8_0000_3000, 0x1001),
+            Err(XenError::EPERM)
+        );
+        assert_eq!(f.bar_window(DOM, 0xfe00_0000, 0x10), Err(XenError::EPERM));
+        assert_eq!(f.bar_window(DOM, 0xfe20_0000, 0x10), Err(XenError::EPERM));
+        assert_eq!(f.bar_window(DOM, 0x10_0000, 0x1000), Err(XenError::EPERM));
+        assert_eq!(f.bar_window(OTHER, 0xfe00_0000, 0x1000), Ok(bdf(0, 2, 0)));
+        // Malformed ranges, a domain that owns nothing.
+        assert_eq!(f.bar_window(DOM, 0x8_0000_0000, 0), Err(XenError::EINVAL));
+        assert_eq!(f.bar_window(DOM, u64::MAX - 1, 4), Err(XenError::EINVAL));
+        assert_eq!(f.bar_window(9, 0x8_0000_0000, 0x10), Err(XenError::ENODEV));
+    }
+
+    #[test]
+    fn msix_table_is_found_for_the_owner_only() {
+        let (_, f) = setup(false);
+        let t = f.msix_table(DOM, BLK).unwrap();
+        assert_eq!(
+            t,
+            MsixTable {
+                entries: 2,
+                phys: 0xfe10_0000,
+                cap_offset: 0x98
+            }
+        );
+        assert_eq!(f.msix_table(OTHER, BLK), Err(XenError::ENODEV));
+        // The net function has no MSI-X.
+        assert_eq!(f.msix_table(OTHER, bdf(0, 2, 0)), Err(XenError::EINVAL));
+    }
+
+    #[test]
+    fn a_released_function_can_be_reassigned_with_its_bars_as_windows() {
+        let (mut cfg, mut f) = setup(false);
+        assert!(!f.reassign(BLK, 7), "not released yet");
+        f.release(DOM);
+        assert_eq!(
+            f.bar_window(DOM, 0x8_0000_0000, 0x10),
+            Err(XenError::ENODEV)
+        );
+        assert!(f.reassign(BLK, 7));
+        assert!(!f.reassign(BLK, 8), "only once");
+        assert_eq!(f.owner(BLK), Some(7));
+        assert_eq!(f.bar_window(7, 0x8_0000_0000, 0x10), Ok(BLK));
+        assert_eq!(f.read(&cfg, DOM, BLK, 0, 4), Err(XenError::ENODEV));
+        // Its BARs are its windows again, not obstacles: moving BAR2 back onto itself works.
+        f.write(&mut cfg, 7, BLK, 0x18, 4, 0xfe10_1000).unwrap();
+        // Bus mastering waits for confinement again.
+        assert_eq!(
+            f.write(
+                &mut cfg,
+                7,
+                BLK,
+                reg::COMMAND,
+                2,
+                u32::from(command::BUS_MASTER)
+            ),
+            Err(XenError::EPERM)
+        );
     }
 }

@@ -235,7 +235,16 @@ mod domain {
             .cmdline()
             .split_whitespace()
             .any(|w| w == "exit_when_alone");
-        let mut engine = Engine::new(Config::default());
+        // `priv_domid=<id>`: that domain is privileged too (Xen's `--priv-domid`), e.g. the
+        // control domain writing boot domains' device entries.
+        let priv_domid = si.cmdline().split_whitespace().find_map(|w| {
+            w.strip_prefix("priv_domid=")
+                .and_then(|v| v.parse::<DomId>().ok())
+        });
+        let mut engine = Engine::new(Config {
+            priv_domid,
+            ..Config::default()
+        });
         let local = engine.connect_socket();
         let mut s = Server {
             me: si.domid,

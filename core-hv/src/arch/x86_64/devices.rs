@@ -36,7 +36,7 @@ use crate::domain::Domain;
 use crate::domain::memory::PagePerms;
 use crate::pci::PciAddress;
 use crate::pci::assign::{self, Assignment, Request};
-use crate::pci::filter::{self, ConfigFilter};
+use crate::pci::filter::{self, ConfigFilter, MsixTable};
 use crate::pci::owner::OwnerConfig;
 use crate::pci::vtd::perm;
 use crate::policy::DeviceToken;
@@ -407,6 +407,67 @@ impl OwnerConfig for ArchPci {
         .unwrap_or(Err(XenError::ENODEV))
     }
 
+    fn bar_window(&self, who: &DeviceToken, phys: u64, len: u64) -> Result<PciAddress, XenError> {
+        let d = DEVICES.lock();
+        d.as_ref()
+            .ok_or(XenError::ENODEV)?
+            .filter
+            .bar_window(who.caller(), phys, len)
+    }
+
+    fn msix_table(&self, who: &DeviceToken, address: PciAddress) -> Result<MsixTable, XenError> {
+        let d = DEVICES.lock();
+        d.as_ref()
+            .ok_or(XenError::ENODEV)?
+            .filter
+            .msix_table(who.caller(), address)
+    }
+
+    fn msix_program(
+        &mut self,
+        owner: DomId,
+        address: PciAddress,
+        entry: u16,
+        vector: Option<u8>,
+    ) -> Result<(), XenError> {
+        let t = {
+            let d = DEVICES.lock();
+            d.as_ref()
+                .ok_or(XenError::ENODEV)?
+                .filter
+                .msix_table(owner, address)?
+        };
+        if entry >= t.entries {
+            return Err(XenError::EINVAL);
+        }
+        let table = msix::Table::map(&t).ok_or(XenError::ENOMEM)?;
+        match vector {
+            Some(v) => {
+                // Every device interrupt goes to the boot CPU (physical destination, fixed,
+                // edge); the event it becomes may wake a vCPU anywhere.
+                let apic = super::percpu::get(0).map_or(0, |c| c.apic_id);
+                table.program(entry, msix::message_address(apic), u32::from(v));
+            }
+            None => table.set_masked(entry, true),
+        }
+        Ok(())
+    }
+
+    fn msix_mask(&mut self, owner: DomId, address: PciAddress, entry: u16, masked: bool) {
+        let t = {
+            let d = DEVICES.lock();
+            match d.as_ref().map(|d| d.filter.msix_table(owner, address)) {
+                Some(Ok(t)) => t,
+                _ => return,
+            }
+        };
+        if entry < t.entries
+            && let Some(table) = msix::Table::map(&t)
+        {
+            table.set_masked(entry, masked);
+        }
+    }
+
     fn dma_map(&mut self, dom: DomId, pages: &[(u64, u64, bool)]) {
         let mut devices = DEVICES.lock();
         let Some(d) = devices.as_mut() else { return };
@@ -488,5 +549,181 @@ pub fn poll_faults() {
     let n = iommu::poll_faults();
     if n > 0 {
         warn!("iommu: {n} DMA fault(s) blocked and reported");
+    }
+}
+
+/// The MSI-X vector table through the hypervisor's uncached mapping of it: the only unsafe
+/// access to it, behind entry-checked methods.
+mod msix {
+    use super::MsixTable;
+
+    /// Entry words: message address low, high, data, vector control.
+    const ENTRY_BYTES: u64 = 16;
+    const VECTOR_MASKED: u32 = 1;
+
+    /// The x86 MSI address for physical destination `apic_id` (no redirection hint).
+    pub fn message_address(apic_id: u32) -> u64 {
+        0xfee0_0000 | (u64::from(apic_id & 0xff) << 12)
+    }
+
+    pub struct Table {
+        va: u64,
+        entries: u16,
+    }
+
+    impl Table {
+        pub fn map(t: &MsixTable) -> Option<Table> {
+            let va =
+                super::super::memory::map_mmio(t.phys, u64::from(t.entries) * ENTRY_BYTES).ok()?;
+            Some(Table {
+                va,
+                entries: t.entries,
+            })
+        }
+
+        fn write(&self, entry: u16, word: u64, value: u32) {
+            if entry >= self.entries || word > 3 {
+                return;
+            }
+            let at = self.va + u64::from(entry) * ENTRY_BYTES + word * 4;
+            // SAFETY: `at` is a naturally aligned dword inside the table (entry and word
+            // checked above), mapped uncached by `map`; MSI-X tables take dword writes.
+            unsafe { core::ptr::write_volatile(at as *mut u32, value) }
+        }
+
+        fn read(&self, entry: u16, word: u64) -> u32 {
+            if entry >= self.entries || word > 3 {
+                return 0;
+            }
+            let at = self.va + u64::from(entry) * ENTRY_BYTES + word * 4;
+            // SAFETY: as in `write`.
+            unsafe { core::ptr::read_volatile(at as *const u32) }
+        }
+
+        /// Masked while the message changes (the spec's rule), unmasked after.
+        pub fn program(&self, entry: u16, address: u64, data: u32) {
+            self.set_masked(entry, true);
+            self.write(entry, 0, address as u32);
+            self.write(entry, 1, (address >> 32) as u32);
+            self.write(entry, 2, data);
+            self.set_masked(entry, false);
+        }
+
+        pub fn set_masked(&self, entry: u16, masked: bool) {
+            let ctl = self.read(entry, 3);
+            let ctl = if masked {
+                ctl | VECTOR_MASKED
+            } else {
+                ctl & !VECTOR_MASKED
+            };
+            self.write(entry, 3, ctl);
+        }
+    }
+}
+
+/// Device assignment for rebuilt boot domains (`domctl REBUILD_BOOT_DOMAIN`,
+/// `crate::domain::boot`): the boot plan's functions (owner = manifest index), kept after
+/// [`Plan::finish`] and handed out again through the same [`Plan::devices_for`] and
+/// [`Plan::built`] as at boot. The dead domain's `ArchPci::release` quiesced the functions
+/// and dropped their DMA space; `built` gives the new domain a fresh space and makes the
+/// config filter list it as the owner.
+///
+/// The filter has no "assign one more function" operation, so `built` makes a new filter
+/// over every function assigned now (live owners kept) and restores each one's confinement.
+pub struct BootRebuild {
+    manifest: Manifest,
+    planned: Vec<Planned>,
+    refused: Option<String>,
+    /// Per function handed out: whether the IOMMU confined it at its last assignment.
+    confined: Vec<(PciAddress, bool)>,
+}
+
+impl Plan {
+    /// What later rebuilds need; call after the boot builds and before [`Plan::finish`].
+    pub fn keep_for_rebuild(&self, manifest: &Manifest) -> BootRebuild {
+        BootRebuild {
+            manifest: manifest.clone(),
+            planned: self.planned.clone(),
+            refused: self.refused.clone(),
+            confined: self
+                .done
+                .iter()
+                .map(|(p, _, c)| (p.assignment.address, *c))
+                .collect(),
+        }
+    }
+}
+
+impl BootRebuild {
+    fn plan(&self) -> Plan {
+        Plan {
+            planned: self.planned.clone(),
+            refused: self.refused.clone(),
+            done: Vec::new(),
+            spaces: Vec::new(),
+        }
+    }
+}
+
+impl crate::domain::boot::BootDevices for BootRebuild {
+    fn devices_for(&self, index: usize) -> Result<Vec<start_info::PciAddress>, String> {
+        // A function some live domain still owns is not free (the old owner is released
+        // when it dies, before a rebuild can get here; this guards everything else).
+        let busy = DEVICES.lock().as_ref().and_then(|d| {
+            self.planned
+                .iter()
+                .filter(|p| p.assignment.owner as usize == index)
+                .find_map(|p| {
+                    d.filter
+                        .owner(p.assignment.address)
+                        .map(|o| (p.assignment.address, o))
+                })
+        });
+        if let Some((a, owner)) = busy {
+            return Err(alloc::format!(
+                "device {} is still owned by domain {owner}",
+                Short(a)
+            ));
+        }
+        self.plan().devices_for(index, &self.manifest)
+    }
+
+    fn built(&mut self, index: usize, dom: &Domain) {
+        let mut plan = self.plan();
+        plan.built(index, dom);
+        let Plan { done, spaces, .. } = plan;
+        for (p, _, c) in &done {
+            let a = p.assignment.address;
+            match self.confined.iter_mut().find(|(x, _)| *x == a) {
+                Some(e) => e.1 = *c,
+                None => self.confined.push((a, *c)),
+            }
+        }
+        // Hand each function back to its new owner as the filter released it (BAR placements
+        // kept); every other function and owner is left alone.
+        let leftover = {
+            let mut devices = DEVICES.lock();
+            match devices.as_mut() {
+                Some(d) => {
+                    for (p, owner, c) in &done {
+                        let a = p.assignment.address;
+                        if d.filter.reassign(a, *owner) {
+                            d.filter.set_confined(a, *c);
+                        } else {
+                            warn!("pci: {} was not released; not reassigned", Short(a));
+                        }
+                    }
+                    d.spaces.extend(spaces);
+                    Vec::new()
+                }
+                None => spaces,
+            }
+        };
+        // No filter to hand them to (no PCI): give the DMA tables back.
+        for (_, _, space) in leftover {
+            if let Err(e) = iommu::destroy_space(space) {
+                warn!("iommu: cannot free a rebuilt domain's DMA tables: {e:?}");
+            }
+        }
     }
 }

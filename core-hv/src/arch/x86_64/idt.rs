@@ -27,6 +27,11 @@ pub const KICK_VECTOR: u8 = 0x21;
 pub const TLB_VECTOR: u8 = 0x22;
 /// The frame vector the `syscall` entry records (not an IDT vector).
 pub const SYSCALL_VECTOR: u64 = 0x100;
+const _: () = assert!(
+    crate::irq::FIRST_VECTOR as usize > TLB_VECTOR as usize
+        && crate::irq::FIRST_VECTOR as usize + crate::irq::NR_VECTORS <= 0x80,
+    "device stubs push their vector as a sign-extended byte"
+);
 /// Local APIC spurious-interrupt vector.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
@@ -249,6 +254,18 @@ global_asm!(
     bulkhead_spurious_stub:
         iretq
 
+    // Device interrupts (`crate::irq` vectors): one 16-byte stub per vector, in order, so
+    // the IDT can point at `bulkhead_device_stubs + 16 * i`. Each stub is 9 bytes.
+    .p2align 4
+    .global bulkhead_device_stubs
+    bulkhead_device_stubs:
+    .irp n, 48,49,50,51,52,53,54,55,56,57,58,59,60,61,62,63,64,65,66,67,68,69,70,71,72,73,74,75,76,77,78,79,80,81,82,83,84,85,86,87,88,89,90,91,92,93,94,95,96,97,98,99,100,101,102,103,104,105,106,107,108,109,110,111
+        .p2align 4
+        push 0
+        push \n
+        jmp bulkhead_exc_common
+    .endr
+
     .section .rodata.exceptions, "a"
     .p2align 3
     .global bulkhead_exc_stub_table
@@ -274,6 +291,7 @@ unsafe extern "C" {
     fn bulkhead_kick_stub();
     fn bulkhead_tlb_stub();
     fn bulkhead_spurious_stub();
+    static bulkhead_device_stubs: u8;
     /// The `syscall` entry point (for LSTAR).
     pub fn bulkhead_syscall_entry();
     /// Return to the frame RSP points at.
@@ -322,6 +340,11 @@ pub unsafe fn init(with_ist: bool) {
         (*idt).0[KICK_VECTOR as usize] = gate(bulkhead_kick_stub as *const () as u64, 0);
         (*idt).0[TLB_VECTOR as usize] = gate(bulkhead_tlb_stub as *const () as u64, 0);
         (*idt).0[SPURIOUS_VECTOR as usize] = gate(bulkhead_spurious_stub as *const () as u64, 0);
+        let device_stubs = &raw const bulkhead_device_stubs as u64;
+        for i in 0..crate::irq::NR_VECTORS {
+            let v = crate::irq::FIRST_VECTOR as usize + i;
+            (*idt).0[v] = gate(device_stubs + 16 * i as u64, 0);
+        }
         load();
     }
 }

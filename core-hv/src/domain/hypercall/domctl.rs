@@ -200,6 +200,9 @@ impl Call<'_, '_> {
                 }
             }
             dc::XENSTORE_DOMAINS => self.xenstore_domains(&buf[16..]),
+            dc::BOOT_DOMAIN_INFO | dc::REBUILD_BOOT_DOMAIN => {
+                self.boot_domain(h.cmd, arg, &mut buf)
+            }
             _ => Err(XenError::ENOSYS),
         }
     }

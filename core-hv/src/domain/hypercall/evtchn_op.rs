@@ -15,8 +15,8 @@
 use shared_abi::DomId;
 use shared_abi::errno::XenError;
 use shared_abi::event_channel::{
-    EvtchnAllocUnbound, EvtchnBindInterdomain, EvtchnBindIpi, EvtchnBindVcpu, EvtchnBindVirq,
-    EvtchnClose, EvtchnReset, EvtchnSend, EvtchnStatus, EvtchnUnmask, op,
+    EvtchnAllocUnbound, EvtchnBindInterdomain, EvtchnBindIpi, EvtchnBindPirq, EvtchnBindVcpu,
+    EvtchnBindVirq, EvtchnClose, EvtchnReset, EvtchnSend, EvtchnStatus, EvtchnUnmask, op,
 };
 
 use super::{Call, HcResult};
@@ -191,8 +191,31 @@ impl Call<'_, '_> {
                 evtchn::reset(&self.hv.domains, target)?;
                 Ok(0)
             }
-            // BIND_PIRQ: no physical IRQs are routed to domains; INIT_CONTROL, EXPAND_ARRAY,
-            // SET_PRIORITY: the FIFO ABI is not offered (guests fall back to 2-level).
+            op::BIND_PIRQ => {
+                let mut b = read_abi!(self, EvtchnBindPirq, arg);
+                // Only the domain that mapped the pirq (a device owner) may receive it.
+                policy::device_owner(self.caller())?;
+                self.hv.irqs.get(self.dom, b.pirq)?;
+                let port = self.own_evtchn(|e| e.bind_pirq(b.pirq))?;
+                if let Err(e) = self.hv.irqs.bind(self.dom, b.pirq, port) {
+                    let _ = self.own_evtchn(|ev| {
+                        ev.close_pirq_port(port, b.pirq);
+                        Ok(())
+                    });
+                    return Err(e);
+                }
+                b.port = port;
+                if let Err(e) = self.bytes_out(arg, &b.to_bytes()) {
+                    let _ = self.own_evtchn(|ev| {
+                        ev.close_pirq_port(port, b.pirq);
+                        Ok(())
+                    });
+                    return Err(e);
+                }
+                Ok(0)
+            }
+            // INIT_CONTROL, EXPAND_ARRAY, SET_PRIORITY: the FIFO ABI is not offered (guests
+            // fall back to 2-level).
             _ => Err(XenError::ENOSYS),
         }
     }

@@ -11,6 +11,7 @@
 //! the negative errno Xen gives for the same refusal. Unknown numbers and sub-commands are
 //! `-ENOSYS`. Nothing here panics on domain input (the dispatcher proptest checks it).
 
+mod boot_domctl;
 mod domctl;
 mod evtchn_op;
 mod gnttab_op;

@@ -1,23 +1,44 @@
-//! `physdev_op` (hypercall 33): Bulkhead's PCI configuration-space sub-ops for driver
-//! domains (`shared_abi::pci::physdev`). Xen's own `PHYSDEVOP_*` sub-ops are not implemented
-//! (`-ENOSYS`).
+//! `physdev_op` (hypercall 33) for driver domains: Bulkhead's PCI configuration-space, BAR
+//! mapping and IRQ statistics sub-ops (`shared_abi::pci::physdev`), and Xen's `map_pirq`,
+//! `unmap_pirq` and `eoi` for MSI-X entries. Other Xen sub-ops are `-ENOSYS`.
 //!
 //! Order of checks: the sub-op, then the right (`device_owner`, `-EPERM`, before the argument
 //! is even read, so a domain without it learns nothing), then the argument (`-EFAULT`, and
-//! `-EINVAL` for non-zero padding), then the config filter (`-ENODEV` for a function the caller
-//! does not own, `-EINVAL`/`-EPERM`/`-EBUSY` for the access itself).
+//! `-EINVAL` for non-zero padding or fields out of range), then ownership (`-ENODEV` for a
+//! function the caller does not own, `-EPERM` for a range outside its BARs or on its MSI-X
+//! table, `-EINVAL` for a pirq it does not hold).
 
 use shared_abi::errno::XenError;
-use shared_abi::pci::{PciConfigOp, physdev};
+use shared_abi::pci::{
+    BarMapOp, IrqStatsOp, PciAddress as AbiAddress, PciConfigOp, PhysdevEoi, PhysdevMapPirq,
+    PhysdevUnmapPirq, physdev,
+};
+use shared_abi::start_info::{DEVICE_MMIO_BASE, DEVICE_MMIO_END};
 
+use super::evtchn_op::read_abi;
 use super::{Call, HcResult};
+use crate::domain::MmioMapping;
+use crate::domain::memory::{Mfn, PAGE_SIZE, PagePerms, ReservedFrames};
+use crate::pci::PciAddress;
 use crate::policy;
+
+/// Most BAR mappings one domain may hold (each a run of pages).
+const MAX_MMIO_MAPPINGS: usize = 256;
 
 impl Call<'_, '_> {
     pub(super) fn physdev_op(&mut self, cmd: u64, arg: u64) -> HcResult {
-        if cmd != physdev::PCI_CONFIG_READ && cmd != physdev::PCI_CONFIG_WRITE {
-            return Err(XenError::ENOSYS);
+        match cmd {
+            physdev::PCI_CONFIG_READ | physdev::PCI_CONFIG_WRITE => self.pci_config(cmd, arg),
+            physdev::MAP_BAR => self.map_bar(arg),
+            physdev::IRQ_STATS => self.irq_stats(arg),
+            physdev::MAP_PIRQ => self.map_pirq(arg),
+            physdev::UNMAP_PIRQ => self.unmap_pirq(arg),
+            physdev::EOI => self.pirq_eoi(arg),
+            _ => Err(XenError::ENOSYS),
         }
+    }
+
+    fn pci_config(&mut self, cmd: u64, arg: u64) -> HcResult {
         let token = policy::device_owner(self.caller())?;
         let mut op: PciConfigOp = self.read(arg)?;
         if op.pad != 0 {
@@ -32,6 +53,190 @@ impl Call<'_, '_> {
         }
         Ok(0)
     }
+
+    /// Map a run of one of the caller's BARs uncached into its device window (or find the
+    /// mapping it already has of exactly those pages).
+    fn map_bar(&mut self, arg: u64) -> HcResult {
+        let token = policy::device_owner(self.caller())?;
+        let mut op = read_abi!(self, BarMapOp, arg);
+        let pci = self.hv.pci.as_ref().ok_or(XenError::ENODEV)?;
+        pci.bar_window(&token, op.phys, op.len)?;
+        let first = op.phys & !(PAGE_SIZE - 1);
+        // bar_window checked phys + len does not wrap and lies in a BAR below 2^64.
+        let end = (op.phys + op.len).next_multiple_of(PAGE_SIZE);
+        let pages = (end - first) / PAGE_SIZE;
+        let d = self.hv.domains.get_mut(self.dom).ok_or(XenError::ESRCH)?;
+        let existing = d
+            .mmio
+            .iter()
+            .find(|m| m.phys == first && m.pages == pages)
+            .map(|m| m.va);
+        let va = match existing {
+            Some(va) => va,
+            None => {
+                if d.mmio.len() >= MAX_MMIO_MAPPINGS {
+                    return Err(XenError::ENOSPC);
+                }
+                let va = d
+                    .mmio
+                    .iter()
+                    .map(|m| m.va + m.pages * PAGE_SIZE)
+                    .max()
+                    .unwrap_or(DEVICE_MMIO_BASE);
+                if va
+                    .checked_add(pages * PAGE_SIZE)
+                    .is_none_or(|e| e > DEVICE_MMIO_END)
+                {
+                    return Err(XenError::ENOSPC);
+                }
+                let aspace = d.aspace.as_mut().ok_or(XenError::ESRCH)?;
+                let mut tables = ReservedFrames {
+                    reservation: &mut d.reservation,
+                    pool: &mut *self.p.frames,
+                };
+                let perms = PagePerms::USER_RW | PagePerms::UNCACHED;
+                for i in 0..pages {
+                    let page = va + i * PAGE_SIZE;
+                    let frame = Mfn((first >> 12) + i);
+                    if let Err(e) = aspace.map(page, frame, perms, &mut tables) {
+                        // All or nothing.
+                        for j in 0..i {
+                            aspace.unmap(va + j * PAGE_SIZE);
+                        }
+                        return Err(e.errno());
+                    }
+                }
+                d.mmio.push(MmioMapping {
+                    va,
+                    phys: first,
+                    pages,
+                });
+                va
+            }
+        };
+        op.va = va + (op.phys - first);
+        self.bytes_out(arg, &op.to_bytes())?;
+        Ok(0)
+    }
+
+    fn irq_stats(&mut self, arg: u64) -> HcResult {
+        policy::device_owner(self.caller())?;
+        let mut op = read_abi!(self, IrqStatsOp, arg);
+        if op.pad != 0 {
+            return Err(XenError::EINVAL);
+        }
+        let s = self.hv.irqs.get(self.dom, op.pirq)?.stats;
+        op.raised = s.raised;
+        op.delivered = s.delivered;
+        op.storms = s.storms;
+        op.last_tsc = s.last_tsc;
+        self.bytes_out(arg, &op.to_bytes())?;
+        Ok(0)
+    }
+
+    /// The function a `physdev_map_pirq` names, checking Xen's fields.
+    fn map_pirq_address(op: &PhysdevMapPirq) -> Result<PciAddress, XenError> {
+        let (segment, bus) = match op.map_type {
+            physdev::MAP_PIRQ_TYPE_MSI => (0u32, u32::try_from(op.bus).ok()),
+            physdev::MAP_PIRQ_TYPE_MSI_SEG => {
+                let b = u32::try_from(op.bus).map_err(|_| XenError::EINVAL)?;
+                (b >> 16, Some(b & 0xffff))
+            }
+            _ => return Err(XenError::EINVAL),
+        };
+        let bus = bus
+            .and_then(|b| u8::try_from(b).ok())
+            .ok_or(XenError::EINVAL)?;
+        let devfn = u8::try_from(op.devfn).map_err(|_| XenError::EINVAL)?;
+        let segment = u16::try_from(segment).map_err(|_| XenError::EINVAL)?;
+        Ok(AbiAddress {
+            segment,
+            bus,
+            device: devfn >> 3,
+            function: devfn & 7,
+        })
+    }
+
+    fn map_pirq(&mut self, arg: u64) -> HcResult {
+        let token = policy::device_owner(self.caller())?;
+        let mut op = read_abi!(self, PhysdevMapPirq, arg);
+        if self.resolve(op.domid) != self.dom {
+            // Mapping for another domain is a toolstack's right Bulkhead does not offer.
+            return Err(XenError::EPERM);
+        }
+        if op.pad != 0 || op.index != -1 {
+            return Err(XenError::EINVAL);
+        }
+        let address = Self::map_pirq_address(&op)?;
+        let entry = u16::try_from(op.entry_nr).map_err(|_| XenError::EINVAL)?;
+        let pci = self.hv.pci.as_mut().ok_or(XenError::ENODEV)?;
+        let table = pci.msix_table(&token, address)?;
+        if entry >= table.entries {
+            return Err(XenError::EINVAL);
+        }
+        let fresh = !self.hv.irqs.mapped_entry(self.dom, address, entry);
+        let pirq = self.hv.irqs.map(self.dom, address, entry)?;
+        let vector = self.hv.irqs.get(self.dom, pirq)?.vector;
+        if let Err(e) = pci.msix_program(self.dom, address, entry, Some(vector)) {
+            if fresh {
+                let _ = self.hv.irqs.unmap(self.dom, pirq);
+            }
+            return Err(e);
+        }
+        op.pirq = pirq as i32;
+        if let Err(e) = self.bytes_out(arg, &op.to_bytes()) {
+            if fresh {
+                self.forget_pirq(pirq);
+            }
+            return Err(e);
+        }
+        Ok(0)
+    }
+
+    /// Mask the entry, free the vector, close the port that received it.
+    fn forget_pirq(&mut self, pirq: u32) {
+        let Ok(p) = self.hv.irqs.unmap(self.dom, pirq) else {
+            return;
+        };
+        if let Some(pci) = self.hv.pci.as_mut() {
+            let _ = pci.msix_program(self.dom, p.address, p.entry, None);
+        }
+        if let Some(port) = p.port
+            && let Some(e) = self
+                .hv
+                .domains
+                .get(self.dom)
+                .and_then(|d| d.evtchn.as_ref())
+        {
+            e.lock().close_pirq_port(port, pirq);
+        }
+    }
+
+    fn unmap_pirq(&mut self, arg: u64) -> HcResult {
+        policy::device_owner(self.caller())?;
+        let op = read_abi!(self, PhysdevUnmapPirq, arg);
+        if self.resolve(op.domid) != self.dom {
+            return Err(XenError::EPERM);
+        }
+        if op.pad != 0 {
+            return Err(XenError::EINVAL);
+        }
+        let pirq = u32::try_from(op.pirq).map_err(|_| XenError::EINVAL)?;
+        self.hv.irqs.get(self.dom, pirq)?;
+        self.forget_pirq(pirq);
+        Ok(0)
+    }
+
+    fn pirq_eoi(&mut self, arg: u64) -> HcResult {
+        policy::device_owner(self.caller())?;
+        let op = read_abi!(self, PhysdevEoi, arg);
+        if let Some(u) = self.hv.irqs.eoi(self.dom, op.irq, self.now)?
+            && let Some(pci) = self.hv.pci.as_mut()
+        {
+            pci.msix_mask(u.owner, u.address, u.entry, false);
+        }
+        Ok(0)
+    }
 }
 
 #[cfg(test)]
@@ -43,7 +248,9 @@ mod tests {
     use shared_abi::capability::Capabilities;
     use shared_abi::errno::XenError;
     use shared_abi::hypercall as hc;
-    use shared_abi::pci::{PciConfigOp, physdev};
+    use shared_abi::pci::{
+        BarMapOp, IrqStatsOp, PciConfigOp, PhysdevMapPirq, PhysdevUnmapPirq, physdev,
+    };
     use shared_abi::start_info::HEAP_BASE;
 
     use crate::domain::builder::DomainConfig;
@@ -118,7 +325,11 @@ mod tests {
                     insecure_dma: false,
                 }],
             );
-            hv.pci = Some(Box::new(Filtered { filter, cfg: pci }));
+            hv.pci = Some(Box::new(Filtered {
+                filter,
+                cfg: pci,
+                msix: Vec::new(),
+            }));
         }
         T { env, hv, ids }
     }
@@ -271,6 +482,9 @@ mod tests {
                 .extend(vas.iter().map(|&va| (dom, false, va)));
             !self.refuse_unmap
         }
+        fn as_any(&mut self) -> &mut dyn core::any::Any {
+            self
+        }
     }
 
     /// Give back (`decrease`) or take again the last heap page of domain `who`.
@@ -373,5 +587,295 @@ mod tests {
         assert_eq!(r, XenError::ENODEV.as_ret());
         let (r, _) = t.op(2, physdev::PCI_CONFIG_READ, at(3, 0, 4, 0));
         assert_eq!(r, XenError::EPERM.as_ret());
+    }
+
+    /// `setup(false)` plus 00:05.0 owned by domain 0: BAR1 (4 KiB) holds the MSI-X table
+    /// (2 entries) and PBA, BAR4 (16 KiB, 64-bit) is free to map.
+    fn setup_msix() -> T {
+        use crate::pci::caps::id;
+        let mut t = setup(false);
+        let mut pci = FakeConfig::default();
+        let mut f = FakeFunction::endpoint(0x1af4, 0x1042, [1, 0, 0]);
+        f.mem_bar(1, 0xfe10_0000, 0x1000, false, false);
+        f.mem_bar(4, 0x8_0000_0000, 0x4000, true, true);
+        f.caps(&[(0x98, id::MSIX, 0)]);
+        f.set16(0x9a, 1);
+        f.set32(0x9c, 1);
+        f.set32(0xa0, 0x800 | 1);
+        pci.add(bdf(0, 5, 0), f);
+        let (fs, _) = enumerate(&mut pci, 0, 0..=255, true);
+        let filter = ConfigFilter::new(
+            &fs,
+            &[Assignment {
+                address: bdf(0, 5, 0),
+                owner: t.ids[0],
+                insecure_dma: false,
+            }],
+        );
+        t.hv.pci = Some(Box::new(Filtered {
+            filter,
+            cfg: pci,
+            msix: Vec::new(),
+        }));
+        t
+    }
+
+    impl T {
+        /// Put `bytes` at the heap base of domain `who`, make `physdev_op(cmd)`, return
+        /// (ret, the bytes after).
+        fn raw(&mut self, who: usize, hcall: u64, cmd: u64, bytes: &[u8]) -> (i64, Vec<u8>) {
+            let dom = self.ids[who];
+            self.mem(dom).copy_to_guest(HEAP_BASE, bytes).unwrap();
+            let cpu = self.cpu_of(dom);
+            let r = self.hv.hypercall(
+                &mut self.env.platform(),
+                cpu,
+                hcall,
+                [cmd, HEAP_BASE, 0, 0, 0],
+            );
+            let mut out = alloc::vec![0u8; bytes.len()];
+            self.mem(dom).copy_from_guest(HEAP_BASE, &mut out).unwrap();
+            (r.ret, out)
+        }
+
+        fn map_bar(&mut self, who: usize, phys: u64, len: u64) -> (i64, u64) {
+            let op = BarMapOp { phys, len, va: 0 };
+            let (r, out) = self.raw(who, hc::PHYSDEV_OP, physdev::MAP_BAR, &op.to_bytes());
+            (r, BarMapOp::from_bytes(&out).unwrap().va)
+        }
+
+        fn map_pirq(&mut self, who: usize, op: PhysdevMapPirq) -> (i64, i32) {
+            let (r, out) = self.raw(who, hc::PHYSDEV_OP, physdev::MAP_PIRQ, &op.to_bytes());
+            (r, PhysdevMapPirq::from_bytes(&out).unwrap().pirq)
+        }
+
+        fn bind_pirq(&mut self, who: usize, pirq: u32) -> (i64, u32) {
+            use shared_abi::event_channel::{EvtchnBindPirq, op};
+            let b = EvtchnBindPirq {
+                pirq,
+                flags: 0,
+                port: 0,
+            };
+            let (r, out) = self.raw(
+                who,
+                hc::EVENT_CHANNEL_OP,
+                u64::from(op::BIND_PIRQ),
+                &b.to_bytes(),
+            );
+            (r, EvtchnBindPirq::from_bytes(&out).unwrap().port)
+        }
+
+        fn pending(&self, dom: DomId, port: u32) -> bool {
+            let si = self.hv.domains.get(dom).unwrap().shared_info;
+            let w = self
+                .env
+                .frame_bytes(si, 0x800 + (port as usize / 64) * 8, 8);
+            u64::from_le_bytes(w.try_into().unwrap()) & (1 << (port % 64)) != 0
+        }
+
+        fn msix_log(&mut self) -> Vec<(crate::pci::PciAddress, u16, Option<u8>)> {
+            // The fake is the only OwnerConfig these tests install.
+            let pci = self.hv.pci.as_mut().unwrap();
+            let any: &mut dyn core::any::Any = pci.as_any();
+            any.downcast_mut::<Filtered<FakeConfig>>()
+                .unwrap()
+                .msix
+                .clone()
+        }
+    }
+
+    fn msi(entry: i32) -> PhysdevMapPirq {
+        PhysdevMapPirq {
+            domid: shared_abi::domid::DOMID_SELF,
+            pad: 0,
+            map_type: physdev::MAP_PIRQ_TYPE_MSI,
+            index: -1,
+            pirq: -1,
+            bus: 0,
+            devfn: 5 << 3,
+            entry_nr: entry,
+            table_base: 0,
+        }
+    }
+
+    #[test]
+    fn bar_pages_map_uncached_once_and_the_msix_table_never() {
+        use crate::domain::memory::PagePerms;
+        use shared_abi::start_info::DEVICE_MMIO_BASE;
+        let mut t = setup_msix();
+        let (r, va) = t.map_bar(0, 0x8_0000_0010, 0x20);
+        assert_eq!(r, 0);
+        assert_eq!(va, DEVICE_MMIO_BASE + 0x10);
+        let dom = t.ids[0];
+        let (frame, perms) =
+            t.hv.domains
+                .get(dom)
+                .unwrap()
+                .aspace
+                .as_ref()
+                .unwrap()
+                .translate(DEVICE_MMIO_BASE)
+                .unwrap();
+        assert_eq!(frame.0, 0x8_0000_0000 >> 12);
+        assert!(perms.contains(PagePerms::UNCACHED | PagePerms::WRITE));
+        // The same pages again: the same address; the whole BAR: a new run after it.
+        assert_eq!(t.map_bar(0, 0x8_0000_0000, 0x1000), (0, DEVICE_MMIO_BASE));
+        assert_eq!(
+            t.map_bar(0, 0x8_0000_0000, 0x4000),
+            (0, DEVICE_MMIO_BASE + 0x1000)
+        );
+        // MSI-X table page, outside any BAR, other domains, no right, a hypercall argument
+        // in device memory.
+        assert_eq!(t.map_bar(0, 0xfe10_0000, 4).0, XenError::EPERM.as_ret());
+        assert_eq!(t.map_bar(0, 0x10_0000, 4).0, XenError::EPERM.as_ret());
+        assert_eq!(t.map_bar(0, 0x8_0000_0000, 0).0, XenError::EINVAL.as_ret());
+        assert_eq!(t.map_bar(1, 0x8_0000_0000, 4).0, XenError::ENODEV.as_ret());
+        assert_eq!(t.map_bar(2, 0x8_0000_0000, 4).0, XenError::EPERM.as_ret());
+        let cpu = t.cpu_of(dom);
+        let r = t.hv.hypercall(
+            &mut t.env.platform(),
+            cpu,
+            hc::PHYSDEV_OP,
+            [physdev::MAP_BAR, DEVICE_MMIO_BASE, 0, 0, 0],
+        );
+        assert_eq!(r.ret, XenError::EFAULT.as_ret());
+        // Death unmaps the device pages and frees every frame the domain had.
+        let free_before = crate::domain::memory::FrameSource::free_frames(&t.env.frames).unwrap();
+        let held = t.hv.domains.get(dom).unwrap().reservation.used();
+        t.hv.destroy_domain(&mut t.env.platform(), dom);
+        for cpu in 0..3 {
+            t.hv.schedule(&mut t.env.platform(), cpu);
+            t.hv.address_space_loaded(&mut t.env.platform(), cpu, None);
+        }
+        assert_eq!(
+            crate::domain::memory::FrameSource::free_frames(&t.env.frames).unwrap(),
+            free_before + held
+        );
+    }
+
+    #[test]
+    fn an_msix_entry_becomes_an_event_and_goes_with_unmap_and_death() {
+        let mut t = setup_msix();
+        let dom = t.ids[0];
+        let (r, pirq) = t.map_pirq(0, msi(1));
+        assert_eq!(r, 0);
+        let pirq = pirq as u32;
+        let vector = t.hv.irqs.get(dom, pirq).unwrap().vector;
+        assert_eq!(t.msix_log(), [(bdf(0, 5, 0), 1, Some(vector))]);
+        // Mapping again is idempotent; the other entry gets another vector.
+        assert_eq!(t.map_pirq(0, msi(1)), (0, pirq as i32));
+        let (r, pirq0) = t.map_pirq(0, msi(0));
+        assert_eq!(r, 0);
+        assert_ne!(pirq0 as u32, pirq);
+        // Not bound yet: counted, nothing pending anywhere.
+        t.hv.device_interrupt(&mut t.env.platform(), vector, 11);
+        let (r, port) = t.bind_pirq(0, pirq);
+        assert_eq!(r, 0);
+        assert!(!t.pending(dom, port));
+        assert_eq!(t.bind_pirq(0, pirq).0, XenError::EEXIST.as_ret());
+        assert_eq!(t.bind_pirq(1, pirq).0, XenError::EINVAL.as_ret());
+        assert_eq!(t.bind_pirq(2, pirq).0, XenError::EPERM.as_ret());
+        t.hv.device_interrupt(&mut t.env.platform(), vector, 42);
+        assert!(t.pending(dom, port));
+        let stats = IrqStatsOp {
+            pirq,
+            ..IrqStatsOp::default()
+        };
+        let (r, out) = t.raw(0, hc::PHYSDEV_OP, physdev::IRQ_STATS, &stats.to_bytes());
+        let s = IrqStatsOp::from_bytes(&out).unwrap();
+        assert_eq!((r, s.raised, s.delivered, s.last_tsc), (0, 2, 1, 42));
+        assert_eq!(
+            t.raw(1, hc::PHYSDEV_OP, physdev::IRQ_STATS, &stats.to_bytes())
+                .0,
+            XenError::EINVAL.as_ret()
+        );
+        // Unmap: entry masked, port closed, the vector is stray afterwards.
+        let un = PhysdevUnmapPirq {
+            domid: shared_abi::domid::DOMID_SELF,
+            pad: 0,
+            pirq: pirq as i32,
+        };
+        assert_eq!(
+            t.raw(1, hc::PHYSDEV_OP, physdev::UNMAP_PIRQ, &un.to_bytes())
+                .0,
+            XenError::EINVAL.as_ret()
+        );
+        assert_eq!(
+            t.raw(0, hc::PHYSDEV_OP, physdev::UNMAP_PIRQ, &un.to_bytes())
+                .0,
+            0
+        );
+        assert_eq!(t.msix_log().last(), Some(&(bdf(0, 5, 0), 1, None)));
+        assert!(
+            !t.pending(dom, port),
+            "the closed port's pending bit is cleared"
+        );
+        assert_eq!(t.hv.device_interrupt(&mut t.env.platform(), vector, 0).0, 0);
+        // Death frees the rest.
+        assert_eq!(t.hv.irqs.mapped(), 1);
+        t.hv.destroy_domain(&mut t.env.platform(), dom);
+        assert_eq!(t.hv.irqs.mapped(), 0);
+    }
+
+    #[test]
+    fn map_pirq_refuses_bad_fields_and_foreign_functions() {
+        let mut t = setup_msix();
+        let bad = [
+            (
+                PhysdevMapPirq {
+                    map_type: 1,
+                    ..msi(0)
+                },
+                XenError::EINVAL,
+            ),
+            (PhysdevMapPirq { index: 0, ..msi(0) }, XenError::EINVAL),
+            (PhysdevMapPirq { pad: 1, ..msi(0) }, XenError::EINVAL),
+            (PhysdevMapPirq { bus: 256, ..msi(0) }, XenError::EINVAL),
+            (PhysdevMapPirq { bus: -1, ..msi(0) }, XenError::EINVAL),
+            (
+                PhysdevMapPirq {
+                    devfn: 300,
+                    ..msi(0)
+                },
+                XenError::EINVAL,
+            ),
+            (
+                PhysdevMapPirq {
+                    entry_nr: 2,
+                    ..msi(0)
+                },
+                XenError::EINVAL,
+            ),
+            (
+                PhysdevMapPirq {
+                    entry_nr: -1,
+                    ..msi(0)
+                },
+                XenError::EINVAL,
+            ),
+            (
+                PhysdevMapPirq {
+                    devfn: 3 << 3,
+                    ..msi(0)
+                },
+                XenError::ENODEV,
+            ),
+            (PhysdevMapPirq { domid: 2, ..msi(0) }, XenError::EPERM),
+            (
+                PhysdevMapPirq {
+                    map_type: physdev::MAP_PIRQ_TYPE_MSI_SEG,
+                    bus: 1 << 16,
+                    ..msi(0)
+                },
+                XenError::ENODEV,
+            ),
+        ];
+        for (op, e) in bad {
+            assert_eq!(t.map_pirq(0, op).0, e.as_ret(), "{op:?}");
+        }
+        assert_eq!(t.map_pirq(1, msi(0)).0, XenError::ENODEV.as_ret());
+        assert_eq!(t.map_pirq(2, msi(0)).0, XenError::EPERM.as_ret());
+        assert_eq!(t.hv.irqs.mapped(), 0);
+        assert!(t.msix_log().is_empty());
     }
 }

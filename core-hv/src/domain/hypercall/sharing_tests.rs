@@ -312,14 +312,10 @@ fn evtchn_refusals_carry_xen_errnos() {
         t.evtchn(1, eop::BIND_VIRQ, &bv(virq::TIMER, 5)).0,
         E(XenError::ENOENT)
     );
-    // FIFO and PIRQ: not offered. A bad pointer: EFAULT.
-    for op in [
-        eop::BIND_PIRQ,
-        eop::INIT_CONTROL,
-        eop::EXPAND_ARRAY,
-        eop::SET_PRIORITY,
-        99,
-    ] {
+    // PIRQs belong to device owners only (and to the domain that mapped them).
+    assert_eq!(t.evtchn(1, eop::BIND_PIRQ, &[0; 12]).0, E(XenError::EPERM));
+    // FIFO: not offered. A bad pointer: EFAULT.
+    for op in [eop::INIT_CONTROL, eop::EXPAND_ARRAY, eop::SET_PRIORITY, 99] {
         assert_eq!(t.evtchn(1, op, &[0; 24]).0, E(XenError::ENOSYS), "op {op}");
     }
     assert_eq!(

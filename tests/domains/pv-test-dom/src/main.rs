@@ -13,11 +13,15 @@
 //! - `memlimit`: asks for pages beyond its limit and must be refused.
 //! - `bench` / `yielder`: hypercall round trip and domain switch cost.
 //! - `pci expect=owner|refused`: config-space access to assigned PCI functions (see `pci.rs`).
+//! - `killer`, `rebuild`: the lifecycle scenarios' killer and rebuild-op checks (see
+//!   `lifecycle.rs`).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
 dom_rt::entry!(main);
 
+#[cfg(target_os = "none")]
+mod lifecycle;
 #[cfg(target_os = "none")]
 mod pci;
 
@@ -362,6 +366,8 @@ fn main(si: &'static dom_rt::StartInfo) {
         "bench" => roles::bench(si),
         "yielder" => roles::yielder(si),
         "pci" => pci::run(si),
+        "killer" => lifecycle::killer(si),
+        "rebuild" => lifecycle::rebuild(si),
         other => dom_rt::println!("RESULT {} fail unknown role {other}", si.name()),
     }
 }

@@ -348,6 +348,9 @@ impl DomainAddressSpace {
         if !perms.contains(PagePerms::EXEC) {
             f |= flags::NO_EXECUTE;
         }
+        if perms.contains(PagePerms::UNCACHED) {
+            f |= flags::CACHE_DISABLE | flags::WRITE_THROUGH;
+        }
         f
     }
 
@@ -458,6 +461,9 @@ impl AddressSpace for DomainAddressSpace {
                 }
                 if e & flags::NO_EXECUTE == 0 {
                     p |= PagePerms::EXEC;
+                }
+                if e & flags::CACHE_DISABLE != 0 {
+                    p |= PagePerms::UNCACHED;
                 }
                 return Some((Mfn((e & ADDR_MASK) >> 12), p));
             }

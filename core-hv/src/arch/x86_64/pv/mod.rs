@@ -157,10 +157,11 @@ pub fn init_cpu() -> &'static str {
 
 /// Build every boot domain of the image at `module` (already validated by
 /// `boot::image::check`), in order, and make them runnable. Returns the number built.
-pub fn boot_domains(module: &[u8], nr_cpus: usize, exit_when_done: bool) -> usize {
+pub fn boot_domains(module: &'static [u8], nr_cpus: usize, exit_when_done: bool) -> usize {
     TSC_BASE.store(cpu::rdtsc(), Ordering::Relaxed);
     let mut free_frames_before = memory::free_frames();
-    let heap_frames_before = super::heap::HEAP_FRAMES.load(Ordering::Relaxed);
+    let heap_frames_before = super::heap::HEAP_FRAMES.load(Ordering::Relaxed)
+        + memory::KERNEL_TABLE_FRAMES.load(Ordering::Relaxed);
     let mut hv = Hypervisor::new(nr_cpus, HvConfig::default(), 0);
     hv.pci = Some(alloc::boxed::Box::new(super::devices::ArchPci));
     let mut built = 0;
@@ -172,7 +173,15 @@ pub fn boot_domains(module: &[u8], nr_cpus: usize, exit_when_done: bool) -> usiz
             let before_plan = memory::free_frames();
             let mut devices = super::devices::plan(&image.manifest);
             free_frames_before -= before_plan.saturating_sub(memory::free_frames());
+            // Kept for rebuilds (`domctl REBUILD_BOOT_DOMAIN`): entry i is manifest domain i.
+            let mut boot = crate::domain::boot::BootSet::default();
             for (i, spec) in image.manifest.domains.iter().enumerate() {
+                boot.entries.push(crate::domain::boot::BootEntry {
+                    spec: spec.clone(),
+                    elf: image.elf(i).unwrap_or(&[]),
+                    domid: None,
+                    rebuilds: 0,
+                });
                 let Some(elf) = image.elf(i) else {
                     crate::raw_println!("bulkhead: domain {:?} refused: ELF missing", spec.name);
                     failures += 1;
@@ -193,6 +202,9 @@ pub fn boot_domains(module: &[u8], nr_cpus: usize, exit_when_done: bool) -> usiz
                 match r {
                     Ok(id) => {
                         built += 1;
+                        if let Some(e) = boot.entries.get_mut(i) {
+                            e.domid = Some(id);
+                        }
                         if let Some(d) = hv.domains.get(id) {
                             devices.built(i, d);
                         }
@@ -216,6 +228,10 @@ pub fn boot_domains(module: &[u8], nr_cpus: usize, exit_when_done: bool) -> usiz
                     }
                 }
             }
+            boot.devices = Some(alloc::boxed::Box::new(
+                devices.keep_for_rebuild(&image.manifest),
+            ));
+            hv.boot = Some(alloc::boxed::Box::new(boot));
             devices.finish();
         }
         Err(e) => {
@@ -293,6 +309,47 @@ pub extern "C" fn trap_entry(f: &mut ExceptionFrame) -> u64 {
         apic::eoi();
         return if from_user { finish_user_frame(f) } else { 0 };
     }
+    if let Some(v) = device_vector(vector) {
+        // Taken first, for the interrupt-to-event latency figure.
+        let tsc = cpu::rdtsc();
+        // MSI-X is edge-triggered: acknowledge now; a new edge may queue behind this one.
+        apic::eoi();
+        device_interrupt(v, tsc, from_user, f)
+    } else {
+        trap_entry_other(f, from_user, vector)
+    }
+}
+
+/// `vector` as a device interrupt vector (`crate::irq`), if it is one.
+fn device_vector(vector: u64) -> Option<u8> {
+    let v = u8::try_from(vector).ok()?;
+    crate::irq::IrqTable::pirq_of_vector(v).map(|_| v)
+}
+
+/// A device interrupt: deliver its event; from ring 3, reschedule if that woke a vCPU here.
+fn device_interrupt(vector: u8, tsc: u64, from_user: bool, f: &mut ExceptionFrame) -> u64 {
+    let cpu_ix = percpu::current_index() as usize;
+    let mut g = lock_state();
+    let Some(st) = g.as_mut() else {
+        drop(g);
+        return if from_user { finish_user_frame(f) } else { 0 };
+    };
+    let kicks = with_platform(|p| st.hv.device_interrupt(p, vector, tsc));
+    send_kicks(kicks, cpu_ix);
+    if !from_user {
+        // Idle: the idle loop asks the scheduler again once this returns.
+        return 0;
+    }
+    if kicks.contains(cpu_ix) {
+        resume(g, f, cpu_ix);
+    } else {
+        drop(g);
+    }
+    finish_user_frame(f)
+}
+
+/// Every other exception and interrupt.
+fn trap_entry_other(f: &mut ExceptionFrame, from_user: bool, vector: u64) -> u64 {
     if !from_user {
         match vector {
             v if v == TIMER_VECTOR as u64 => {
@@ -581,12 +638,13 @@ fn check_done(st: &mut State) {
         return;
     }
     let free = memory::free_frames();
-    let heap = super::heap::HEAP_FRAMES
-        .load(Ordering::Relaxed)
-        .saturating_sub(st.heap_frames_before);
+    // The heap and the hypervisor's own page tables only grow; what they took is not lost.
+    let heap = (super::heap::HEAP_FRAMES.load(Ordering::Relaxed)
+        + memory::KERNEL_TABLE_FRAMES.load(Ordering::Relaxed))
+    .saturating_sub(st.heap_frames_before);
     let balanced = free + heap == st.free_frames_before;
     crate::raw_println!(
-        "bulkhead: all {} domains stopped; free frames {} before, {} after + {} heap growth: {}",
+        "bulkhead: all {} domains stopped; free frames {} before, {} after + {} heap and page-table growth: {}",
         st.hv.domains.iter().count(),
         st.free_frames_before,
         free,

@@ -1,0 +1,795 @@
+//! `blkback-domain`: the block backend driver domain (a Bulkhead PV domain on dom-rt) running
+//! the [`blkback_dom`] engine.
+//!
+//! It serves every vbd the toolstack puts under its backend directory
+//! (`/local/domain/<me>/backend/vbd/<frontend-id>/<devid>`, XEN-ABI.md §5.2), each from its
+//! own RAM disk of `ramdisk_mib=<n>` MiB (default 8). The loop:
+//!
+//! 1. on a xenstore watch event (its backend directory, a frontend's `state`), or every
+//!    second as a backstop: probe new devices once their frontend directory exists
+//!    (InitWait with the features offered), and hand every frontend state change to the
+//!    xenbus logic ([`blkback_dom::xenbus::BlkbackXenbus`]);
+//! 2. on connect: map the frontend's ring pages (grant_map capability) contiguously, bind
+//!    its event channels, build the engine over the RAM disk, go Connected; on close:
+//!    unmap everything, unbind, go Closed;
+//! 3. serve every connected device's rings and completions; block in `SCHEDOP_poll` on every
+//!    port (xenstore's too) with a short timeout.
+//!
+//! Command line: `ramdisk_mib=<n>`; `disk=virtio`: the first device is served from the
+//! assigned virtio-blk function instead (device_owner capability, dom-rt's device layer),
+//! the others from RAM disks; `serve=<frontend-id>:<devid>[,...]` makes the domain write
+//! the backend directory of those devices itself (for systems without a toolstack writing
+//! device entries; the frontend then writes its own directory); `exit_when_idle` powers off
+//! once at least one device was probed and every device is closed again or gone (test
+//! systems that must end). A frontend that corrupts its ring is disconnected (the engine's
+//! `RingCorrupted`); other devices go on.
+//!
+//! On the host this binary is a stub.
+#![cfg_attr(all(target_arch = "x86_64", target_os = "none"), no_std, no_main)]
+
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+dom_rt::entry!(domain::main);
+
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+extern crate alloc;
+
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+mod domain {
+    use alloc::boxed::Box;
+    use alloc::collections::BTreeMap;
+    use alloc::format;
+    use alloc::rc::Rc;
+    use alloc::string::{String, ToString};
+    use alloc::vec::Vec;
+    use core::cell::Cell;
+    use core::sync::atomic::{AtomicU64, Ordering};
+
+    use blkback_dom::device::{BlockDevice, DeviceError, DeviceInfo, RamDisk, SyncIo, check_range};
+    use blkback_dom::engine::{Notify, Vbd};
+    use blkback_dom::grant::{GrantMapper, MapRequest, Mapping};
+    use blkback_dom::xenbus::{Action, BackendOffer, BlkbackXenbus, Connection};
+    use dom_rt::blkfront::domain::XenbusStore;
+    use dom_rt::device::virtio::{DomHal, VirtioPci, VirtioTransport};
+    use dom_rt::gnttab::{self, MapWindow};
+    use dom_rt::xenbus::{ClientRing, EvtchnSignal, RingTransport, Tx, Xenbus};
+    use dom_rt::{StartInfo, XenError, evtchn, hypercall, println, time};
+    use shared_abi::DomId;
+    use shared_abi::PAGE_SIZE;
+    use shared_abi::event_channel::EvtchnPort;
+    use shared_abi::grant_table::{GntStatus, GrantHandle};
+    use shared_abi::ring::SharedRingMem;
+    use shared_abi::start_info::{GRANT_MAP_END, SHARED_INFO_VA, XENSTORE_RING_VA};
+    use shared_abi::xenbus::{XenbusError, XenbusState, path};
+    use virtio_drivers::device::blk::VirtIOBlk;
+
+    type Bus = Xenbus<RingTransport<SharedRingMem, EvtchnSignal>>;
+    type Io = SyncIo<Disk>;
+
+    /// The assigned virtio-blk function (`disk=virtio`), driven synchronously: each
+    /// operation is one virtio request on the domain's own (DMA-reachable) heap buffers,
+    /// polled to completion.
+    struct VirtioDisk {
+        blk: VirtIOBlk<DomHal, VirtioTransport>,
+        _pci: VirtioPci,
+    }
+
+    impl VirtioDisk {
+        fn open() -> Result<Self, String> {
+            let dev = dom_rt::device::find(0x1af4, &[0x1001, 0x1042])
+                .ok_or("no virtio-blk function assigned")?;
+            let pci = VirtioPci::open(dev).map_err(|e| format!("virtio-pci setup: {e}"))?;
+            let t = pci.transport().map_err(|e| format!("transport: {e}"))?;
+            let blk = VirtIOBlk::new(t).map_err(|e| format!("virtio-blk init: {e:?}"))?;
+            Ok(VirtioDisk { blk, _pci: pci })
+        }
+
+        fn check(&self, offset: u64, len: usize) -> Result<usize, DeviceError> {
+            check_range(offset, len as u64, self.blk.capacity().saturating_mul(512))?;
+            if len == 0 || !len.is_multiple_of(512) || !offset.is_multiple_of(512) {
+                return Err(DeviceError::OutOfRange {
+                    offset,
+                    len: len as u64,
+                });
+            }
+            usize::try_from(offset / 512).map_err(|_| DeviceError::OutOfRange {
+                offset,
+                len: len as u64,
+            })
+        }
+    }
+
+    fn verr(e: virtio_drivers::Error) -> DeviceError {
+        println!("blkback: virtio-blk: {e:?}");
+        DeviceError::Io { errno: 5 }
+    }
+
+    /// A RAM disk or the virtio-blk disk.
+    enum Disk {
+        Ram(RamDisk),
+        Virtio(Box<VirtioDisk>),
+    }
+
+    impl BlockDevice for Disk {
+        fn info(&self) -> DeviceInfo {
+            match self {
+                Disk::Ram(d) => d.info(),
+                Disk::Virtio(v) => DeviceInfo {
+                    sector_size: 512,
+                    physical_sector_size: 512,
+                    sectors: v.blk.capacity(),
+                    read_only: v.blk.readonly(),
+                    discard: None,
+                },
+            }
+        }
+
+        fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+            match self {
+                Disk::Ram(d) => d.read(offset, buf),
+                Disk::Virtio(v) => {
+                    let block = v.check(offset, buf.len())?;
+                    v.blk.read_blocks(block, buf).map_err(verr)
+                }
+            }
+        }
+
+        fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+            match self {
+                Disk::Ram(d) => d.write(offset, data),
+                Disk::Virtio(v) => {
+                    let block = v.check(offset, data.len())?;
+                    v.blk.write_blocks(block, data).map_err(verr)
+                }
+            }
+        }
+
+        fn flush(&mut self) -> Result<(), DeviceError> {
+            match self {
+                Disk::Ram(d) => d.flush(),
+                Disk::Virtio(v) => v.blk.flush().map_err(verr),
+            }
+        }
+
+        fn discard(&mut self, offset: u64, len: u64, secure: bool) -> Result<(), DeviceError> {
+            match self {
+                Disk::Ram(d) => d.discard(offset, len, secure),
+                Disk::Virtio(_) => Err(DeviceError::Unsupported),
+            }
+        }
+    }
+
+    const MS: u64 = 1_000_000;
+    /// Longest block in `SCHEDOP_poll` (a missed event costs at most this).
+    const POLL_NS: u64 = 20 * MS;
+    /// Backstop rescan of the store without a watch event.
+    const RESCAN_NS: u64 = 1000 * MS;
+    /// Ring mappings live in the top of the grant window, in blocks of 16 pages (the largest
+    /// ring), so a multi-page ring is virtually contiguous; data mappings come from the
+    /// bottom ([`MapWindow`]).
+    const RING_BLOCK: u64 = 16 * PAGE_SIZE as u64;
+    const RING_BLOCKS: u64 = 256;
+    const RING_BASE: u64 = GRANT_MAP_END - RING_BLOCKS * RING_BLOCK;
+
+    fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+        cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    }
+
+    /// Mapping frontend grants by hypercall; the engine copies through the mapped pages.
+    struct DomMapper {
+        window: MapWindow,
+    }
+
+    impl GrantMapper for DomMapper {
+        fn map(
+            &mut self,
+            domid: DomId,
+            reqs: &[MapRequest],
+            out: &mut Vec<Result<Mapping, GntStatus>>,
+        ) {
+            out.clear();
+            for r in reqs {
+                let Some(va) = self.window.alloc() else {
+                    out.push(Err(GntStatus::NoDeviceSpace));
+                    continue;
+                };
+                match gnttab::map(domid, r.gref, va, !r.writable) {
+                    Ok(handle) => out.push(Ok(Mapping {
+                        domid,
+                        gref: r.gref,
+                        writable: r.writable,
+                        handle,
+                        token: va,
+                    })),
+                    Err(e) => {
+                        self.window.release(va);
+                        out.push(Err(match e {
+                            gnttab::GrantError::Status(s) => s,
+                            gnttab::GrantError::Hypercall(_) => GntStatus::GeneralError,
+                        }));
+                    }
+                }
+            }
+        }
+
+        fn unmap(&mut self, maps: &[Mapping]) {
+            for m in maps {
+                match gnttab::unmap(m.handle, m.token) {
+                    Ok(()) => self.window.release(m.token),
+                    // Leave the address out of use rather than map over a live mapping.
+                    Err(e) => println!("blkback: unmap of gref {} failed: {e:?}", m.gref),
+                }
+            }
+        }
+
+        fn read(&mut self, m: &Mapping, offset: usize, out: &mut [u8]) -> Result<(), GntStatus> {
+            if offset.checked_add(out.len()).is_none_or(|e| e > PAGE_SIZE) {
+                return Err(GntStatus::BadCopyArg);
+            }
+            // SAFETY: `m.token` is the address of a live mapping of one page made by `map`
+            // (the engine passes only mappings it holds); the range is inside the page. The
+            // frontend may change the bytes meanwhile: they are copied, never trusted.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    (m.token as usize + offset) as *const u8,
+                    out.as_mut_ptr(),
+                    out.len(),
+                )
+            };
+            Ok(())
+        }
+
+        fn write(&mut self, m: &Mapping, offset: usize, data: &[u8]) -> Result<(), GntStatus> {
+            if !m.writable {
+                return Err(GntStatus::PermissionDenied);
+            }
+            if offset.checked_add(data.len()).is_none_or(|e| e > PAGE_SIZE) {
+                return Err(GntStatus::BadCopyArg);
+            }
+            // SAFETY: as in `read`, and the mapping is writable.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    data.as_ptr(),
+                    (m.token as usize + offset) as *mut u8,
+                    data.len(),
+                )
+            };
+            Ok(())
+        }
+    }
+
+    struct Ports<'a>(&'a [EvtchnPort]);
+
+    impl Notify for Ports<'_> {
+        fn notify(&mut self, queue: u16) {
+            if let Some(&p) = self.0.get(usize::from(queue)) {
+                let _ = evtchn::send(p);
+            }
+        }
+    }
+
+    /// A mapped ring: its block and the grant handles of its pages.
+    struct MappedRing {
+        block: u64,
+        pages: Vec<GrantHandle>,
+    }
+
+    struct Connected {
+        vbd: Vbd<Io>,
+        ports: Vec<EvtchnPort>,
+        rings: Vec<MappedRing>,
+    }
+
+    struct Device {
+        fe_state: String,
+        last_fe: Option<Option<String>>,
+        xb: BlkbackXenbus,
+        disk: Option<Io>,
+        conn: Option<Connected>,
+        ever_connected: bool,
+    }
+
+    struct Backend {
+        me: DomId,
+        offer: BackendOffer,
+        ramdisk_sectors: u64,
+        mapper: DomMapper,
+        free_blocks: Vec<u64>,
+        devices: BTreeMap<String, Device>,
+        /// Backend dirs seen but not probed yet (frontend not there yet).
+        waiting: BTreeMap<String, ()>,
+        dirty: Rc<Cell<bool>>,
+        connections: u64,
+        probed: u64,
+        /// `disk=virtio`: the virtio-blk disk, until the first device takes it.
+        virtio: Option<VirtioDisk>,
+    }
+
+    fn clear_pending(port: EvtchnPort) {
+        let word = port as usize / 64;
+        if word >= 64 {
+            return;
+        }
+        // SAFETY: shared_info is mapped RW at SHARED_INFO_VA for the domain's life; the
+        // 64-word pending array at 0x800 is 8-byte aligned and accessed only atomically.
+        let w = unsafe { &*((SHARED_INFO_VA + 0x800 + word as u64 * 8) as *const AtomicU64) };
+        w.fetch_and(!(1u64 << (port % 64)), Ordering::AcqRel);
+    }
+
+    impl Backend {
+        fn base(&self) -> String {
+            format!("/local/domain/{}/backend/vbd", self.me)
+        }
+
+        /// Every `<base>/<fe>/<devid>` directory in the store.
+        fn list(&self, xb: &mut Bus) -> Vec<String> {
+            let base = self.base();
+            let mut out = Vec::new();
+            for fe in xb.directory(Tx::NONE, &base).unwrap_or_default() {
+                let d = format!("{base}/{fe}");
+                for dev in xb.directory(Tx::NONE, &d).unwrap_or_default() {
+                    out.push(format!("{d}/{dev}"));
+                }
+            }
+            out
+        }
+
+        fn scan(&mut self, xb: &mut Bus) {
+            for dir in self.list(xb) {
+                if self.devices.contains_key(&dir) {
+                    continue;
+                }
+                // Probe once the frontend directory exists (its state is readable).
+                let fe = xb.read_string(Tx::NONE, &path(&dir, "frontend")).ok();
+                let fe_state = fe.as_deref().map(|f| path(f, "state"));
+                let ready = fe_state
+                    .as_deref()
+                    .is_some_and(|p| xb.read(Tx::NONE, p).is_ok());
+                let Some(fe_state) = fe_state.filter(|_| ready) else {
+                    if self.waiting.insert(dir.clone(), ()).is_none() {
+                        println!("blkback: {dir}: waiting for its frontend");
+                    }
+                    continue;
+                };
+                self.waiting.remove(&dir);
+                let probed = {
+                    let mut s = XenbusStore { xb: &mut *xb };
+                    BlkbackXenbus::probe(&mut s, &dir, self.offer.clone())
+                };
+                match probed {
+                    Ok(dev) => {
+                        let disk = match self.virtio.take() {
+                            Some(v) => Ok(SyncIo::new(Disk::Virtio(Box::new(v)))),
+                            None => RamDisk::new(self.ramdisk_sectors, 512)
+                                .map(|d| SyncIo::new(Disk::Ram(d))),
+                        };
+                        let disk = match disk {
+                            Ok(d) => d,
+                            Err(e) => {
+                                println!("blkback: {dir}: no RAM disk: {e}");
+                                continue;
+                            }
+                        };
+                        let dirty = self.dirty.clone();
+                        if let Err(e) = xb.watch(&fe_state, move |_| dirty.set(true)) {
+                            println!("blkback: {dir}: watch {fe_state}: {e:?}");
+                        }
+                        println!(
+                            "blkback: {dir}: probed (frontend {}), InitWait",
+                            dev.frontend_path()
+                        );
+                        self.probed += 1;
+                        self.devices.insert(
+                            dir,
+                            Device {
+                                fe_state,
+                                last_fe: None,
+                                xb: dev,
+                                disk: Some(disk),
+                                conn: None,
+                                ever_connected: false,
+                            },
+                        );
+                    }
+                    Err(e) => println!("blkback: {dir}: probe failed: {e}"),
+                }
+            }
+        }
+
+        fn alloc_block(&mut self) -> Option<u64> {
+            self.free_blocks.pop()
+        }
+
+        /// Map one queue's ring pages into a block; the ring region.
+        fn map_ring(
+            &mut self,
+            domid: DomId,
+            refs: &[u32],
+        ) -> Result<(SharedRingMem, MappedRing), String> {
+            let block = self.alloc_block().ok_or("no ring mapping space")?;
+            let mut ring = MappedRing {
+                block,
+                pages: Vec::new(),
+            };
+            for (i, &gref) in refs.iter().enumerate() {
+                let va = block + (i * PAGE_SIZE) as u64;
+                match gnttab::map(domid, gref, va, false) {
+                    Ok(h) => ring.pages.push(h),
+                    Err(e) => {
+                        self.unmap_ring(ring);
+                        return Err(format!("ring-ref {gref}: {e:?}"));
+                    }
+                }
+            }
+            // SAFETY: the block's pages were just mapped RW from the frontend's grants and
+            // stay mapped until `unmap_ring`, which runs only after the engine holding this
+            // region is dropped; this domain touches them only through SharedRingMem.
+            match unsafe { SharedRingMem::from_raw(block as *mut u8, refs.len() * PAGE_SIZE) } {
+                Ok(mem) => Ok((mem, ring)),
+                Err(e) => {
+                    self.unmap_ring(ring);
+                    Err(format!("ring region: {e}"))
+                }
+            }
+        }
+
+        fn unmap_ring(&mut self, ring: MappedRing) {
+            for (i, h) in ring.pages.iter().enumerate() {
+                let _ = gnttab::unmap(*h, ring.block + (i * PAGE_SIZE) as u64);
+            }
+            self.free_blocks.push(ring.block);
+        }
+
+        fn connect(&mut self, dir: &str, conn: &Connection) -> Result<Connected, String> {
+            let mut rings = Vec::new();
+            let mut mems = Vec::new();
+            let mut ports = Vec::new();
+            let fail = |b: &mut Self, rings: Vec<MappedRing>, ports: &[EvtchnPort]| {
+                for r in rings {
+                    b.unmap_ring(r);
+                }
+                for &p in ports {
+                    let _ = evtchn::close(p);
+                }
+            };
+            for q in &conn.queues {
+                match self.map_ring(conn.frontend_id, &q.ring_refs) {
+                    Ok((mem, r)) => {
+                        mems.push(mem);
+                        rings.push(r);
+                    }
+                    Err(e) => {
+                        fail(self, rings, &ports);
+                        return Err(e);
+                    }
+                }
+                match evtchn::bind_interdomain(conn.frontend_id, q.event_channel) {
+                    Ok(p) => {
+                        let _ = evtchn::unmask(p);
+                        ports.push(p);
+                    }
+                    Err(e) => {
+                        fail(self, rings, &ports);
+                        return Err(format!("event-channel {}: {e:?}", q.event_channel));
+                    }
+                }
+            }
+            let Some(dev) = self.devices.get_mut(dir) else {
+                fail(self, rings, &ports);
+                return Err("device gone".to_string());
+            };
+            let Some(io) = dev.disk.take() else {
+                fail(self, rings, &ports);
+                return Err("disk in use".to_string());
+            };
+            match Vbd::new(conn.vbd_config(&self.offer), io, mems) {
+                Ok(vbd) => Ok(Connected { vbd, ports, rings }),
+                Err(e) => {
+                    // The RAM disk is lost with the engine that refused it; make a new one.
+                    dev.disk = RamDisk::new(self.ramdisk_sectors, 512)
+                        .ok()
+                        .map(|d| SyncIo::new(Disk::Ram(d)));
+                    fail(self, rings, &ports);
+                    Err(format!("engine: {e}"))
+                }
+            }
+        }
+
+        /// Stop serving `dir`: unmap every grant, unbind, keep the disk for a reconnect.
+        fn teardown(&mut self, dir: &str) {
+            let Some(c) = self.devices.get_mut(dir).and_then(|d| d.conn.take()) else {
+                return;
+            };
+            let Connected {
+                mut vbd,
+                ports,
+                rings,
+            } = c;
+            vbd.shutdown(&mut self.mapper);
+            let empty = RamDisk::new(1, 512).map(|d| SyncIo::new(Disk::Ram(d)));
+            if let (Ok(e), Some(d)) = (empty, self.devices.get_mut(dir)) {
+                d.disk = Some(core::mem::replace(vbd.io_mut(), e));
+            }
+            drop(vbd);
+            for r in rings {
+                self.unmap_ring(r);
+            }
+            for p in ports {
+                let _ = evtchn::close(p);
+            }
+        }
+
+        /// Hand frontend state changes to the xenbus logic.
+        fn frontends(&mut self, xb: &mut Bus) {
+            let dirs: Vec<String> = self.devices.keys().cloned().collect();
+            for dir in dirs {
+                let Some(dev) = self.devices.get_mut(&dir) else {
+                    continue;
+                };
+                let now = match xb.read_string(Tx::NONE, &dev.fe_state) {
+                    Ok(v) => Some(v),
+                    // The frontend's home is gone (its domain was released): so is the device.
+                    Err(XenError::EACCES) => {
+                        self.teardown(&dir);
+                        self.devices.remove(&dir);
+                        println!("blkback: {dir}: frontend domain gone, device removed");
+                        continue;
+                    }
+                    Err(_) => None,
+                };
+                if dev.last_fe.as_ref() == Some(&now) {
+                    continue;
+                }
+                dev.last_fe = Some(now);
+                let action = {
+                    let mut s = XenbusStore { xb: &mut *xb };
+                    dev.xb.frontend_changed(&mut s)
+                };
+                match action {
+                    Ok(Action::None) => {}
+                    Ok(Action::Connect(conn)) => match self.connect(&dir, &conn) {
+                        Ok(c) => {
+                            let adv = c.vbd.advertised();
+                            let Some(dev) = self.devices.get_mut(&dir) else {
+                                continue;
+                            };
+                            let nq = c.ports.len();
+                            dev.conn = Some(c);
+                            let mut s = XenbusStore { xb: &mut *xb };
+                            match dev.xb.connected(&mut s, &adv) {
+                                Ok(()) => {
+                                    dev.ever_connected = true;
+                                    self.connections += 1;
+                                    println!(
+                                        "blkback: {dir}: connected: {} queue(s), ring order {}, persistent {}, {} sectors",
+                                        nq, conn.ring_page_order, conn.persistent, adv.sectors
+                                    );
+                                }
+                                Err(e) => {
+                                    println!("blkback: {dir}: connect: {e}");
+                                    self.teardown(&dir);
+                                }
+                            }
+                        }
+                        Err(why) => {
+                            println!("blkback: {dir}: cannot connect: {why}");
+                            let e = XenbusError::invalid(
+                                path(&dir, "frontend"),
+                                &why,
+                                "rings and event channels this backend can map and bind",
+                            );
+                            let mut s = XenbusStore { xb: &mut *xb };
+                            let _ = dev_fail(&mut self.devices, &dir, &mut s, &e);
+                        }
+                    },
+                    Ok(Action::Disconnect { remove }) => {
+                        self.teardown(&dir);
+                        if let Some(dev) = self.devices.get_mut(&dir) {
+                            let mut s = XenbusStore { xb: &mut *xb };
+                            let _ = dev.xb.disconnected(&mut s);
+                        }
+                        println!("blkback: {dir}: frontend closed, disconnected");
+                        if remove {
+                            self.devices.remove(&dir);
+                        }
+                    }
+                    Ok(Action::Remove) => {
+                        self.teardown(&dir);
+                        self.devices.remove(&dir);
+                        println!("blkback: {dir}: frontend gone, device removed");
+                    }
+                    Err(e) => println!("blkback: {dir}: {e}"),
+                }
+            }
+        }
+
+        /// Serve every connected device; a device whose frontend broke its ring is closed.
+        fn serve(&mut self, xb: &mut Bus) {
+            let mut broken = Vec::new();
+            for (dir, dev) in &mut self.devices {
+                if let Some(c) = &mut dev.conn
+                    && let Err(d) = c.vbd.service(&mut self.mapper, &mut Ports(&c.ports))
+                {
+                    println!("blkback: {dir}: {d}");
+                    broken.push(dir.clone());
+                }
+            }
+            for dir in broken {
+                self.teardown(&dir);
+                if let Some(dev) = self.devices.get_mut(&dir) {
+                    let mut s = XenbusStore { xb: &mut *xb };
+                    let _ = dev.xb.close(&mut s);
+                }
+            }
+        }
+
+        fn ports(&self) -> Vec<EvtchnPort> {
+            self.devices
+                .values()
+                .filter_map(|d| d.conn.as_ref())
+                .flat_map(|c| c.ports.iter().copied())
+                .collect()
+        }
+
+        /// Some device was probed, and every device is closed or gone.
+        fn idle(&self) -> bool {
+            self.probed > 0
+                && self
+                    .devices
+                    .values()
+                    .all(|d| d.conn.is_none() && d.xb.state() == XenbusState::Closed)
+        }
+    }
+
+    fn dev_fail(
+        devs: &mut BTreeMap<String, Device>,
+        dir: &str,
+        s: &mut XenbusStore<'_, RingTransport<SharedRingMem, EvtchnSignal>>,
+        e: &XenbusError,
+    ) -> Result<(), XenbusError> {
+        match devs.get_mut(dir) {
+            Some(d) => d.xb.fail(s, e),
+            None => Ok(()),
+        }
+    }
+
+    /// Self-layout mode: write the backend directory of `fe:devid` (as a toolstack would).
+    fn write_backend_dir(xb: &mut Bus, me: DomId, fe: DomId, devid: u32) -> Result<(), XenError> {
+        let dir = format!("/local/domain/{me}/backend/vbd/{fe}/{devid}");
+        let fe_dir = format!("/local/domain/{fe}/device/vbd/{devid}");
+        let fe_id = fe.to_string();
+        // One transaction: the frontend sees the whole directory or none of it.
+        xb.transaction(dom_rt::xenbus::TRANSACTION_TRIES, |xb, tx| {
+            xb.mkdir(tx, &dir)?;
+            xb.set_perms(tx, &dir, &[&format!("n{me}"), &format!("r{fe}")])?;
+            for (k, v) in [
+                ("frontend", fe_dir.as_str()),
+                ("frontend-id", &fe_id),
+                ("online", "1"),
+                ("removable", "0"),
+                ("bootable", "1"),
+                ("dev", "xvda"),
+                ("type", "phy"),
+                ("mode", "w"),
+                ("device-type", "disk"),
+                ("state", "1"),
+            ] {
+                xb.write(tx, &path(&dir, k), v.as_bytes())?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn main(si: &'static StartInfo) {
+        let cmdline = si.cmdline();
+        let mib: u64 = param(cmdline, "ramdisk_mib")
+            .and_then(|v| v.parse().ok())
+            .filter(|&m| (1..=4096).contains(&m))
+            .unwrap_or(8);
+        let exit_when_idle = cmdline.split_whitespace().any(|w| w == "exit_when_idle");
+        if si.xenstore_evtchn == 0 {
+            println!("blkback: no xenstore event channel in the start info");
+            return;
+        }
+        // SAFETY: the hypervisor maps this domain's xenstore ring page RW at
+        // XENSTORE_RING_VA for its whole life; it is touched only through SharedRingMem.
+        let ring = match unsafe { gnttab::ring_mem(XENSTORE_RING_VA) }.map(ClientRing::new) {
+            Ok(Ok(r)) => r,
+            _ => {
+                println!("blkback: xenstore ring page unusable");
+                return;
+            }
+        };
+        let xs_port = si.xenstore_evtchn;
+        let mut xb: Bus = Xenbus::new(RingTransport::new(ring, EvtchnSignal::new(xs_port)));
+        let me = si.domid;
+        if let Some(list) = param(cmdline, "serve") {
+            for item in list.split(',') {
+                let parsed = item
+                    .split_once(':')
+                    .and_then(|(f, d)| Some((f.parse::<DomId>().ok()?, d.parse::<u32>().ok()?)));
+                match parsed {
+                    Some((fe, devid)) => {
+                        if let Err(e) = write_backend_dir(&mut xb, me, fe, devid) {
+                            println!("blkback: writing the backend dir of {item}: {e:?}");
+                        }
+                    }
+                    None => println!("blkback: bad serve= entry {item:?}"),
+                }
+            }
+        }
+        let virtio = if param(cmdline, "disk") == Some("virtio") {
+            match VirtioDisk::open() {
+                Ok(v) => {
+                    println!(
+                        "blkback: virtio-blk disk: {} sectors{}",
+                        v.blk.capacity(),
+                        if v.blk.readonly() { ", read-only" } else { "" }
+                    );
+                    Some(v)
+                }
+                Err(e) => {
+                    println!("blkback: disk=virtio: {e}; serving RAM disks");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut b = Backend {
+            me,
+            offer: BackendOffer::default(),
+            ramdisk_sectors: mib * 2048,
+            mapper: DomMapper {
+                window: MapWindow::new(),
+            },
+            free_blocks: (0..RING_BLOCKS)
+                .rev()
+                .map(|i| RING_BASE + i * RING_BLOCK)
+                .collect(),
+            devices: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+            dirty: Rc::new(Cell::new(true)),
+            connections: 0,
+            probed: 0,
+            virtio,
+        };
+        let dirty = b.dirty.clone();
+        if let Err(e) = xb.watch(&b.base(), move |_| dirty.set(true)) {
+            println!("blkback: watch {}: {e:?}", b.base());
+        }
+        println!(
+            "blkback: domain {me} serving vbds under {} from {mib} MiB RAM disks",
+            b.base()
+        );
+        let mut next_rescan = 0;
+        loop {
+            let _ = xb.poll();
+            xb.dispatch();
+            let now = time::now_ns();
+            if b.dirty.replace(false) || now >= next_rescan {
+                next_rescan = now + RESCAN_NS;
+                b.scan(&mut xb);
+                b.frontends(&mut xb);
+            }
+            b.serve(&mut xb);
+            if exit_when_idle && b.idle() {
+                println!("blkback: every device closed; exiting");
+                return;
+            }
+            let mut ports = b.ports();
+            ports.push(xs_port);
+            let _ = hypercall::sched_poll(&ports, time::now_ns() + POLL_NS);
+            for p in ports {
+                clear_pending(p);
+            }
+        }
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "none")))]
+fn main() {
+    eprintln!("blkback-domain is a Bulkhead domain: build it with --target x86_64-unknown-none");
+    std::process::exit(2);
+}

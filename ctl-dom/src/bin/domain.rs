@@ -1,0 +1,255 @@
+//! `ctl-domain`: the control domain (a Bulkhead PV domain on dom-rt, holding
+//! `domain_control` and `domain_death_events`). It applies the boot domains' `on_poweroff` /
+//! `on_reboot` / `on_crash` policies ([`ctl_dom::boot_lifecycle`]):
+//!
+//! 1. bind `VIRQ_DOM_EXC`, then read every manifest entry (`domctl BOOT_DOMAIN_INFO`) and
+//!    say what it follows;
+//! 2. look at the domain list (a boot domain may have died before the VIRQ was bound), then
+//!    on each `VIRQ_DOM_EXC` again: a boot domain that died gets its policy — restart
+//!    (`domctl REBUILD_BOOT_DOMAIN`: the hypervisor's builder, new domain id; the xenstore
+//!    domain finds the new domain by listing on the same VIRQ, as it finds boot domains),
+//!    destroy, or preserve (left shut down, memory kept) — with a restart limit against
+//!    crash loops.
+//!
+//! At boot it also writes the xenstore device entries of the disks its command line declares
+//! (`disk=<frontend>:<backend>:<xvd…>:<r|rw>`, boot domain names; [`ctl_dom::boot_devices`]),
+//! as a Xen toolstack does before the guests' frontends probe.
+//!
+//! Command line: `max_restarts=N` and `window_ms=M` (the limit: at most N restarts of one
+//! domain within M ms; default 3 per 60000), and `exit_when_idle`: once no domain other than
+//! this one and the xenstore domain is alive, destroy the preserved ones and power off (test
+//! systems that must end).
+//!
+//! On the host this binary is a stub.
+#![cfg_attr(all(target_arch = "x86_64", target_os = "none"), no_std, no_main)]
+
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+dom_rt::entry!(domain::main);
+
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+extern crate alloc;
+
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+mod domain {
+    use alloc::vec::Vec;
+
+    use ctl_dom::boot_lifecycle::{BootLifecycle, BootPlatform, BootRecord, RestartLimit};
+    use dom_rt::event::Waiter;
+    use dom_rt::{StartInfo, XenError, domctl, evtchn, println};
+    use shared_abi::DomId;
+    use shared_abi::event_channel::virq;
+    use shared_abi::hypercall_args::domctl::DomainInfo;
+
+    /// The hypervisor, through dom-rt's domctl wrappers.
+    struct Hv;
+
+    impl BootPlatform for Hv {
+        fn list(&mut self) -> Result<Vec<DomainInfo>, XenError> {
+            domctl::list_domains()
+        }
+        fn rebuild(&mut self, index: u32) -> Result<DomId, XenError> {
+            domctl::rebuild_boot_domain(index)
+        }
+        fn destroy(&mut self, domid: DomId) -> Result<(), XenError> {
+            domctl::destroy(domid)
+        }
+        fn now_ns(&mut self) -> u64 {
+            dom_rt::time::now_ns()
+        }
+    }
+
+    fn param(cmdline: &str, key: &str) -> Option<u64> {
+        cmdline.split_whitespace().find_map(|w| {
+            let (k, v) = w.split_once('=')?;
+            (k == key).then(|| v.parse().ok()).flatten()
+        })
+    }
+
+    /// Every manifest entry, in order (entry 0 says how many there are).
+    fn records() -> Result<Vec<BootRecord>, XenError> {
+        let first = domctl::boot_domain_info(0)?;
+        let mut out = Vec::new();
+        for i in 0..first.nr_boot_domains {
+            let b = if i == 0 {
+                first
+            } else {
+                domctl::boot_domain_info(i)?
+            };
+            match BootRecord::from_info(&b) {
+                Some(r) => out.push(r),
+                None => println!("ctl: boot domain {i}: garbled answer, not followed"),
+            }
+        }
+        Ok(out)
+    }
+
+    type Bus = dom_rt::xenbus::Xenbus<
+        dom_rt::xenbus::RingTransport<
+            shared_abi::ring::SharedRingMem,
+            dom_rt::xenbus::EvtchnSignal,
+        >,
+    >;
+
+    fn connect_xs(si: &StartInfo) -> Option<Bus> {
+        use dom_rt::xenbus::{ClientRing, EvtchnSignal, RingTransport, Xenbus};
+        if si.xenstore_evtchn == 0 {
+            return None;
+        }
+        // SAFETY: the hypervisor maps this domain's xenstore ring page RW at
+        // XENSTORE_RING_VA for its whole life; it is touched only through SharedRingMem.
+        let ring =
+            unsafe { dom_rt::gnttab::ring_mem(shared_abi::start_info::XENSTORE_RING_VA) }.ok()?;
+        let ring = ClientRing::new(ring).ok()?;
+        Some(Xenbus::new(RingTransport::new(
+            ring,
+            EvtchnSignal::new(si.xenstore_evtchn),
+        )))
+    }
+
+    /// Boot step of a toolstack: write the xenstore device entries of the disks declared on
+    /// the command line (`disk=<frontend>:<backend>:<xvd…>:<r|rw>`, boot domain names), so
+    /// the backends and the guests' frontends find them ([`ctl_dom::boot_devices`]). Needs
+    /// the xenstore domain to treat this domain as privileged (its `priv_domid=`).
+    fn write_disks(si: &StartInfo, recs: &[BootRecord]) {
+        use ctl_dom::boot_devices::{disk_plan, parse_disks};
+        use dom_rt::xenbus::TRANSACTION_TRIES;
+        let disks = match parse_disks(si.cmdline()) {
+            Ok(d) => d,
+            Err(e) => {
+                println!("ctl: no disks written: {e}");
+                return;
+            }
+        };
+        if disks.is_empty() {
+            return;
+        }
+        let Some(mut xb) = connect_xs(si) else {
+            println!("ctl: no xenstore connection: no disks written");
+            return;
+        };
+        let id = |name: &str| {
+            recs.iter()
+                .find(|r| r.name == name)
+                .map(|r| r.domid)
+                .filter(|&d| d != shared_abi::hypercall_args::domctl::BOOT_NO_DOMAIN)
+        };
+        for d in &disks {
+            let (Some(fe), Some(be)) = (id(&d.frontend), id(&d.backend)) else {
+                println!(
+                    "ctl: disk {} of {}: {} or {} is not a running boot domain",
+                    d.vdev, d.frontend, d.frontend, d.backend
+                );
+                continue;
+            };
+            let Some(plan) = disk_plan(fe, be, d) else {
+                continue;
+            };
+            // One transaction: a frontend or backend sees the whole device or none of it.
+            let written = xb.transaction(TRANSACTION_TRIES, |xb, tx| {
+                for (dir, perms) in &plan.dirs {
+                    xb.mkdir(tx, dir)?;
+                    xb.set_perms(tx, dir, &[&perms[0], &perms[1]])?;
+                }
+                for (k, v) in &plan.entries {
+                    xb.write(tx, k, v.as_bytes())?;
+                }
+                Ok(())
+            });
+            match written {
+                Ok(()) => println!(
+                    "ctl: disk {} of {} (domain {fe}) served by {} (domain {be}): device {} written",
+                    d.vdev, d.frontend, d.backend, plan.devid
+                ),
+                Err(e) => println!("ctl: disk {} of {}: xenstore: {e:?}", d.vdev, d.frontend),
+            }
+        }
+    }
+
+    /// Apply the policies of every boot domain that died; print what was done.
+    fn scan(l: &mut BootLifecycle) {
+        match l.scan(&mut Hv) {
+            Ok(outcomes) => {
+                for o in outcomes {
+                    println!("{o}");
+                }
+            }
+            Err(e) => println!("ctl: cannot list domains: {e:?}"),
+        }
+    }
+
+    pub fn main(si: &'static StartInfo) {
+        let cmd = si.cmdline();
+        let exit_when_idle = cmd.split_whitespace().any(|w| w == "exit_when_idle");
+        let d = RestartLimit::default();
+        let limit = RestartLimit {
+            max: param(cmd, "max_restarts").map_or(d.max, |v| v.min(u64::from(u32::MAX)) as u32),
+            window_ns: param(cmd, "window_ms")
+                .map_or(d.window_ns, |ms| ms.saturating_mul(1_000_000)),
+        };
+        let dom_exc = match evtchn::bind_virq(virq::DOM_EXC, 0) {
+            Ok(p) => p,
+            Err(e) => {
+                println!("ctl: cannot bind VIRQ_DOM_EXC ({e:?}): no policies applied");
+                return;
+            }
+        };
+        let recs = match records() {
+            Ok(r) => r,
+            Err(e) => {
+                println!("ctl: cannot read the boot domains ({e:?}): no policies applied");
+                return;
+            }
+        };
+        for r in &recs {
+            println!(
+                "ctl: boot domain {} {} (domain {}): on_poweroff={} on_reboot={} on_crash={}",
+                r.index,
+                r.name,
+                r.domid,
+                r.on_poweroff.name(),
+                r.on_reboot.name(),
+                r.on_crash.name()
+            );
+        }
+        write_disks(si, &recs);
+        let mut l = BootLifecycle::new(recs, limit, si.domid);
+        println!(
+            "ctl: ready; restart limit {} per {} ms",
+            limit.max,
+            limit.window_ns / 1_000_000
+        );
+        let mut waiter = Waiter::new();
+        loop {
+            scan(&mut l);
+            if exit_when_idle {
+                match domctl::list_domains() {
+                    // A boot domain died since the scan: handle it first.
+                    Ok(list) if !l.settled(&list) => continue,
+                    Ok(list) if !l.others_alive(&list) => {
+                        for id in l.preserved() {
+                            let st = list.iter().find(|d| d.domid == id).map(|d| d.state);
+                            println!(
+                                "ctl: destroying preserved domain {id} (state {st:?}) before powering off"
+                            );
+                            let _ = domctl::destroy(id);
+                        }
+                        println!("ctl: no other domain is alive; powering off");
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => println!("ctl: cannot list domains: {e:?}"),
+                }
+            }
+            if let Err(e) = waiter.wait(dom_exc) {
+                println!("ctl: cannot wait for events ({e:?}); stopping");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "none")))]
+fn main() {
+    eprintln!("ctl-domain is a Bulkhead domain: build it with --target x86_64-unknown-none");
+    std::process::exit(2);
+}

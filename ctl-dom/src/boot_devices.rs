@@ -1,0 +1,188 @@
+//! Device entries of boot domains: what a Xen toolstack writes in xenstore before a guest's
+//! frontends and the backends probe, here written by the control domain at boot for the disks
+//! its command line declares.
+//!
+//! A declaration is one command-line word `disk=<frontend>:<backend>:<vdev>:<r|rw>` (boot
+//! domain names, the guest's device name `xvd…`, the access). [`parse_disks`] checks every
+//! word strictly; [`disk_plan`] turns one disk, once the names are resolved to domain ids,
+//! into the nodes of [`crate::xenstore_layout::device_entries`] plus `device-type` = `disk` on
+//! both sides, and the permissions libxl gives the two directories (XEN-ABI.md §7.5):
+//! frontend dir `[n<frontend>, r<backend>]`, backend dir `[n<backend>, r<frontend>]`.
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use shared_abi::DomId;
+use shared_abi::domain_config::{DiskAccess, DiskSpec};
+use shared_abi::mgmt::DeviceInfo;
+
+use crate::xenstore_layout::{device_entries, device_paths, vbd_devid};
+
+/// One declared disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootDisk {
+    /// The guest (frontend) boot domain's name.
+    pub frontend: String,
+    /// The backend boot domain's name.
+    pub backend: String,
+    /// `xvd…`.
+    pub vdev: String,
+    pub access: DiskAccess,
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Every `disk=` word of `cmdline`; the first malformed one is an error naming it and the
+/// expected form.
+pub fn parse_disks(cmdline: &str) -> Result<Vec<BootDisk>, String> {
+    let mut out = Vec::new();
+    for w in cmdline.split_whitespace() {
+        let Some(v) = w.strip_prefix("disk=") else {
+            continue;
+        };
+        let parts: Vec<&str> = v.split(':').collect();
+        let bad = || {
+            format!("{w:?}: expected disk=<frontend>:<backend>:<xvd…>:<r|rw> (boot domain names)")
+        };
+        let [fe, be, vdev, access] = parts.as_slice() else {
+            return Err(bad());
+        };
+        let access = match *access {
+            "r" => DiskAccess::ReadOnly,
+            "rw" => DiskAccess::ReadWrite,
+            _ => return Err(bad()),
+        };
+        if !valid_name(fe) || !valid_name(be) || fe == be || vbd_devid(vdev).is_none() {
+            return Err(bad());
+        }
+        let d = BootDisk {
+            frontend: fe.to_string(),
+            backend: be.to_string(),
+            vdev: vdev.to_string(),
+            access,
+        };
+        if out
+            .iter()
+            .any(|o: &BootDisk| o.frontend == d.frontend && o.vdev == d.vdev)
+        {
+            return Err(format!(
+                "{w:?}: {} declared twice for {}",
+                d.vdev, d.frontend
+            ));
+        }
+        out.push(d);
+    }
+    Ok(out)
+}
+
+/// What writing one disk takes: the directories with their permissions (create and set
+/// these first, so every node written below them inherits them), then the nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskPlan {
+    pub devid: u32,
+    /// (directory, permissions in Xen's string form).
+    pub dirs: [(String, [String; 2]); 2],
+    pub entries: Vec<(String, String)>,
+}
+
+/// The plan for `d` served by domain `be` to domain `fe`.
+pub fn disk_plan(fe: DomId, be: DomId, d: &BootDisk) -> Option<DiskPlan> {
+    let devid = vbd_devid(&d.vdev)?;
+    let dev = DeviceInfo::Disk {
+        devid,
+        spec: DiskSpec {
+            target: format!("ram:{}", d.vdev),
+            vdev: d.vdev.clone(),
+            access: d.access,
+            backend: Some(d.backend.clone()),
+        },
+    };
+    let [f, b] = device_paths(fe, be, &dev);
+    let mut entries = device_entries(fe, be, &dev);
+    entries.push((format!("{f}/device-type"), "disk".to_string()));
+    entries.push((format!("{b}/device-type"), "disk".to_string()));
+    entries.push((format!("{b}/type"), "phy".to_string()));
+    Some(DiskPlan {
+        devid,
+        dirs: [
+            (f, [format!("n{fe}"), format!("r{be}")]),
+            (b, [format!("n{be}"), format!("r{fe}")]),
+        ],
+        entries,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_words_are_parsed_strictly() {
+        let d = parse_disks("exit_when_idle disk=guest:blkback:xvda:rw disk=g2:blkback:xvdb:r")
+            .unwrap();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].frontend, "guest");
+        assert_eq!(d[0].access, DiskAccess::ReadWrite);
+        assert_eq!(
+            (d[1].vdev.as_str(), d[1].access),
+            ("xvdb", DiskAccess::ReadOnly)
+        );
+        for bad in [
+            "disk=guest:blkback:xvda",
+            "disk=guest:blkback:sda:rw",
+            "disk=guest:blkback:xvda:w",
+            "disk=:blkback:xvda:rw",
+            "disk=guest:guest:xvda:rw",
+            "disk=gu/est:blkback:xvda:rw",
+            "disk=guest:blkback:xvda:rw:x",
+            "disk=guest:blkback:xvda:rw disk=guest:other:xvda:r",
+        ] {
+            assert!(parse_disks(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_disks("nothing here").unwrap(), Vec::new());
+    }
+
+    #[test]
+    fn plan_gives_each_side_read_access_to_the_other() {
+        let d = parse_disks("disk=guest:blkback:xvda:r").unwrap();
+        let p = disk_plan(4, 3, &d[0]).unwrap();
+        assert_eq!(p.devid, 51712);
+        assert_eq!(p.dirs[0].0, "/local/domain/4/device/vbd/51712");
+        assert_eq!(p.dirs[0].1, ["n4".to_string(), "r3".to_string()]);
+        assert_eq!(p.dirs[1].0, "/local/domain/3/backend/vbd/4/51712");
+        assert_eq!(p.dirs[1].1, ["n3".to_string(), "r4".to_string()]);
+        let get = |k: &str| {
+            p.entries
+                .iter()
+                .find(|(p, _)| p == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(
+            get("/local/domain/4/device/vbd/51712/backend-id"),
+            Some("3")
+        );
+        assert_eq!(get("/local/domain/4/device/vbd/51712/state"), Some("1"));
+        assert_eq!(
+            get("/local/domain/4/device/vbd/51712/device-type"),
+            Some("disk")
+        );
+        assert_eq!(
+            get("/local/domain/3/backend/vbd/4/51712/frontend-id"),
+            Some("4")
+        );
+        assert_eq!(get("/local/domain/3/backend/vbd/4/51712/mode"), Some("r"));
+        assert_eq!(get("/local/domain/3/backend/vbd/4/51712/online"), Some("1"));
+        // Every node lies under one of the two directories.
+        assert!(
+            p.entries
+                .iter()
+                .all(|(k, _)| k.starts_with(&p.dirs[0].0) || k.starts_with(&p.dirs[1].0))
+        );
+    }
+}

@@ -1,0 +1,202 @@
+//! Typed `domctl` calls for a control domain (ctl-dom): list domains, get one's info,
+//! destroy, and the boot-domain operations (`BOOT_DOMAIN_INFO`, `REBUILD_BOOT_DOMAIN`).
+//! Every one needs `DOMAIN_CONTROL`; anyone else gets `EPERM`.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use shared_abi::DomId;
+use shared_abi::errno::XenError;
+use shared_abi::hypercall as hc;
+use shared_abi::hypercall_args::Wire;
+use shared_abi::hypercall_args::domctl::{
+    self as dc, BootDomain, DomainInfo, DomctlHeader, ListDomains,
+};
+
+use crate::hypercall::call;
+
+/// Most records asked for per `LIST_DOMAINS` call.
+pub const BATCH: u32 = 64;
+
+fn header(cmd: u32, domain: DomId) -> [u8; dc::DOMCTL_LEN] {
+    let mut b = [0u8; dc::DOMCTL_LEN];
+    DomctlHeader {
+        cmd,
+        interface_version: dc::INTERFACE_VERSION,
+        domain,
+        pad: [0; 3],
+    }
+    .encode(&mut b);
+    b
+}
+
+/// Every domain (dead ones included, while the hypervisor keeps their entries), in id order.
+pub fn list_domains() -> Result<Vec<DomainInfo>, XenError> {
+    let mut all = Vec::new();
+    let mut first: DomId = 0;
+    loop {
+        let mut out = vec![0u8; BATCH as usize * DomainInfo::SIZE];
+        let mut b = header(dc::LIST_DOMAINS, 0);
+        ListDomains {
+            first_domain: first,
+            pad: 0,
+            max_domains: BATCH,
+            buffer: out.as_mut_ptr() as u64,
+        }
+        .encode(&mut b[16..]);
+        let n = call(hc::DOMCTL, [b.as_mut_ptr() as u64, 0, 0, 0, 0])?;
+        // Never more than asked: a larger count is refused, not trusted.
+        let n = usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= BATCH as usize)
+            .ok_or(XenError::EIO)?;
+        let recs: Vec<DomainInfo> = out
+            .chunks(DomainInfo::SIZE)
+            .take(n)
+            .filter_map(DomainInfo::decode)
+            .collect();
+        let last = recs.last().map(|r| r.domid);
+        all.extend(recs);
+        match last {
+            Some(l) if n == BATCH as usize && l < DomId::MAX => first = l + 1,
+            _ => return Ok(all),
+        }
+    }
+}
+
+/// `GETDOMAININFO` for `domid`.
+pub fn domain_info(domid: DomId) -> Result<DomainInfo, XenError> {
+    let mut b = header(dc::GETDOMAININFO, domid);
+    call(hc::DOMCTL, [b.as_mut_ptr() as u64, 0, 0, 0, 0])?;
+    DomainInfo::decode(&b[16..]).ok_or(XenError::EIO)
+}
+
+/// `DESTROYDOMAIN` for `domid`.
+pub fn destroy(domid: DomId) -> Result<(), XenError> {
+    let mut b = header(dc::DESTROYDOMAIN, domid);
+    call(hc::DOMCTL, [b.as_mut_ptr() as u64, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// `PAUSEDOMAIN` for `domid`.
+pub fn pause(domid: DomId) -> Result<(), XenError> {
+    let mut b = header(dc::PAUSEDOMAIN, domid);
+    call(hc::DOMCTL, [b.as_mut_ptr() as u64, 0, 0, 0, 0]).map(|_| ())
+}
+
+fn boot_op(cmd: u32, req: BootDomain) -> Result<(u64, BootDomain), XenError> {
+    let mut b = header(cmd, 0);
+    req.encode(&mut b[16..]);
+    let r = call(hc::DOMCTL, [b.as_mut_ptr() as u64, 0, 0, 0, 0])?;
+    Ok((r, BootDomain::decode(&b[16..]).ok_or(XenError::EIO)?))
+}
+
+/// Boot domain (manifest entry) `index`: its name, current domain and policies.
+pub fn boot_domain_info(index: u32) -> Result<BootDomain, XenError> {
+    boot_op(
+        dc::BOOT_DOMAIN_INFO,
+        BootDomain {
+            index,
+            ..BootDomain::default()
+        },
+    )
+    .map(|(_, b)| b)
+}
+
+/// Rebuild boot domain `index` (its previous domain destroyed first); the new domain id.
+pub fn rebuild_boot_domain(index: u32) -> Result<DomId, XenError> {
+    let (r, _) = boot_op(
+        dc::REBUILD_BOOT_DOMAIN,
+        BootDomain {
+            index,
+            ..BootDomain::default()
+        },
+    )?;
+    DomId::try_from(r).map_err(|_| XenError::EIO)
+}
+
+/// Rebuild the boot domain named `name`; the new domain id.
+pub fn rebuild_boot_domain_named(name: &str) -> Result<DomId, XenError> {
+    let mut req = BootDomain {
+        index: dc::BOOT_BY_NAME,
+        ..BootDomain::default()
+    };
+    req.set_name(name);
+    let (r, _) = boot_op(dc::REBUILD_BOOT_DOMAIN, req)?;
+    DomId::try_from(r).map_err(|_| XenError::EIO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypercall::MOCK;
+
+    fn fake(nr: u64, a: [u64; 5]) -> i64 {
+        if nr != hc::DOMCTL {
+            return XenError::ENOSYS.as_ret();
+        }
+        // SAFETY: the wrappers pass a live DOMCTL_LEN buffer (and a live record buffer of
+        // `max_domains` records for LIST_DOMAINS).
+        unsafe {
+            let b = core::slice::from_raw_parts_mut(a[0] as *mut u8, dc::DOMCTL_LEN);
+            let h = DomctlHeader::decode(b).unwrap();
+            match h.cmd {
+                dc::LIST_DOMAINS => {
+                    let l = ListDomains::decode(&b[16..]).unwrap();
+                    let out = core::slice::from_raw_parts_mut(
+                        l.buffer as *mut u8,
+                        l.max_domains as usize * DomainInfo::SIZE,
+                    );
+                    let ids: Vec<u16> = (l.first_domain.max(1)..=70)
+                        .take(l.max_domains as usize)
+                        .collect();
+                    for (i, id) in ids.iter().enumerate() {
+                        DomainInfo {
+                            domid: *id,
+                            ..Default::default()
+                        }
+                        .encode(&mut out[i * DomainInfo::SIZE..]);
+                    }
+                    ids.len() as i64
+                }
+                dc::REBUILD_BOOT_DOMAIN => {
+                    let mut r = BootDomain::decode(&b[16..]).unwrap();
+                    if r.index == dc::BOOT_BY_NAME && r.name() != Some("blk") {
+                        return XenError::ESRCH.as_ret();
+                    }
+                    if r.index == 9 {
+                        return XenError::ESRCH.as_ret();
+                    }
+                    r.domid = 12;
+                    r.encode(&mut b[16..]);
+                    12
+                }
+                dc::BOOT_DOMAIN_INFO => {
+                    let mut r = BootDomain::decode(&b[16..]).unwrap();
+                    r.on_crash = 1;
+                    r.nr_boot_domains = 3;
+                    r.encode(&mut b[16..]);
+                    0
+                }
+                _ => XenError::ENOSYS.as_ret(),
+            }
+        }
+    }
+
+    #[test]
+    fn list_pages_through_batches_and_boot_ops_decode() {
+        let _g = crate::hypercall::TEST_LOCK.lock();
+        *MOCK.lock() = Some(fake);
+        let all = list_domains().unwrap();
+        let info = boot_domain_info(1).unwrap();
+        let r = rebuild_boot_domain(1);
+        let by_name = rebuild_boot_domain_named("blk");
+        let missing = rebuild_boot_domain_named("nobody");
+        let bad = rebuild_boot_domain(9);
+        *MOCK.lock() = None;
+        assert_eq!(all.len(), 70);
+        assert_eq!((all[0].domid, all[69].domid), (1, 70));
+        assert_eq!((info.index, info.on_crash, info.nr_boot_domains), (1, 1, 3));
+        assert_eq!((r, by_name), (Ok(12), Ok(12)));
+        assert_eq!((missing, bad), (Err(XenError::ESRCH), Err(XenError::ESRCH)));
+    }
+}
