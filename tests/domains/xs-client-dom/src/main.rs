@@ -158,6 +158,9 @@ mod client {
                     xb.wait_event()?;
                     xb.dispatch();
                     if xb.read(Tx::NONE, &ping).as_deref() == Ok(b"pong".as_slice()) {
+                        // The store queued the write's watch event before the read's reply;
+                        // the read stashed it: run it before counting.
+                        xb.dispatch();
                         return Ok(true);
                     }
                 }
