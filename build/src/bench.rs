@@ -161,6 +161,49 @@ pub const QEMU_BENCHES: &[QemuBench] = &[
         ],
         qemu_args: &[],
     },
+    // Issue 7: the same workload through blkback-dom to a virtio-blk disk (QEMU's null block
+    // driver under a temporary snapshot overlay, so writes read back and no file is needed),
+    // -smp 2 as blk-bench. A few seconds per boot.
+    QemuBench {
+        system: "blk-virtio-bench",
+        smp: 2,
+        boots: 3,
+        time_limit: Duration::from_secs(240),
+        metrics: &[
+            "blk_virtio_randread_4k_iops_qd1",
+            "blk_virtio_randread_4k_iops_qd32",
+            "blk_virtio_randwrite_4k_iops_qd32",
+            "blk_virtio_seq_1m_mbps",
+        ],
+        qemu_args: BLK_VIRTIO_QEMU_ARGS,
+    },
+    // Issue 7: the passthrough reference, the same workload straight on the same virtio-blk
+    // device from a driver domain, -smp 2 as blk-virtio-bench. A few seconds per boot.
+    QemuBench {
+        system: "blk-direct-bench",
+        smp: 2,
+        boots: 3,
+        time_limit: Duration::from_secs(240),
+        metrics: &[
+            "blk_direct_virtio_randread_4k_iops_qd1",
+            "blk_direct_virtio_randread_4k_iops_qd32",
+            "blk_direct_virtio_randwrite_4k_iops_qd32",
+            "blk_direct_virtio_seq_1m_mbps",
+        ],
+        qemu_args: BLK_VIRTIO_QEMU_ARGS,
+    },
+];
+
+/// The virtio-blk disk of the `blk_virtio_*` and `blk_direct_virtio_*` systems: 8 MiB of
+/// QEMU's null driver (zeroes) under a temporary qcow2 overlay (`snapshot=on`), behind the
+/// emulated VT-d.
+const BLK_VIRTIO_QEMU_ARGS: &[&str] = &[
+    "-device",
+    "intel-iommu",
+    "-drive",
+    "if=none,id=bench0,driver=null-co,size=8388608,read-zeroes=on,snapshot=on",
+    "-device",
+    "virtio-blk-pci,drive=bench0,addr=03.0,disable-legacy=on,iommu_platform=on",
 ];
 
 /// One metric as one boot printed it.
@@ -785,6 +828,14 @@ mod tests {
             "blk_ram_randread_4k_iops_qd32",
             "blk_ram_randwrite_4k_iops_qd32",
             "blk_ram_seq_1m_mbps",
+            "blk_virtio_randread_4k_iops_qd1",
+            "blk_virtio_randread_4k_iops_qd32",
+            "blk_virtio_randwrite_4k_iops_qd32",
+            "blk_virtio_seq_1m_mbps",
+            "blk_direct_virtio_randread_4k_iops_qd1",
+            "blk_direct_virtio_randread_4k_iops_qd32",
+            "blk_direct_virtio_randwrite_4k_iops_qd32",
+            "blk_direct_virtio_seq_1m_mbps",
         ];
         let mut got = all.clone();
         got.sort_unstable();
@@ -804,7 +855,13 @@ mod tests {
         assert_eq!(chosen("irq_to_event"), ["driver-bench"]);
         assert!(chosen("boot_to_ready").is_empty());
         assert_eq!(chosen("blk_ram"), ["blk-bench"]);
-        assert_eq!(QEMU_BENCHES.iter().filter(|b| b.selected(None)).count(), 5);
+        assert_eq!(chosen("blk_virtio"), ["blk-virtio-bench"]);
+        assert_eq!(chosen("blk_direct"), ["blk-direct-bench"]);
+        assert_eq!(
+            chosen("blk_"),
+            ["blk-bench", "blk-virtio-bench", "blk-direct-bench"]
+        );
+        assert_eq!(QEMU_BENCHES.iter().filter(|b| b.selected(None)).count(), 7);
     }
 
     #[test]

@@ -118,6 +118,44 @@ pub fn disk_plan(fe: DomId, be: DomId, d: &BootDisk) -> Option<DiskPlan> {
     })
 }
 
+/// The disks to write again after boot domain `name` came back as a new domain (its
+/// `on_crash = "restart"` / `on_poweroff = "restart"` policy): every disk it serves or uses,
+/// with the domain ids the others have now (`id_of`). For each: the new plan (frontend
+/// `backend`/`backend-id` re-pointed at the new backend, the frontend `state` back to
+/// Initialising so that neither side connects through stale ring keys, the new backend
+/// directory from the same declaration) and the directory of the device's old backend side,
+/// to remove.
+pub fn restart_plans(
+    disks: &[BootDisk],
+    name: &str,
+    old: DomId,
+    new: DomId,
+    id_of: impl Fn(&str) -> Option<DomId>,
+) -> Vec<(DiskPlan, String)> {
+    let mut out = Vec::new();
+    for d in disks {
+        let (fe, be, old_fe, old_be) = if d.backend == name {
+            let Some(fe) = id_of(&d.frontend) else {
+                continue;
+            };
+            (fe, new, fe, old)
+        } else if d.frontend == name {
+            let Some(be) = id_of(&d.backend) else {
+                continue;
+            };
+            (new, be, old, be)
+        } else {
+            continue;
+        };
+        let (Some(plan), Some(stale)) = (disk_plan(fe, be, d), disk_plan(old_fe, old_be, d)) else {
+            continue;
+        };
+        let [_, old_dir] = stale.dirs;
+        out.push((plan, old_dir.0));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,5 +222,44 @@ mod tests {
                 .iter()
                 .all(|(k, _)| k.starts_with(&p.dirs[0].0) || k.starts_with(&p.dirs[1].0))
         );
+    }
+
+    #[test]
+    fn a_restarted_backend_gets_its_devices_again() {
+        let d = parse_disks("disk=guest:blkback:xvda:rw disk=other:blk2:xvdb:r").unwrap();
+        let ids = |n: &str| match n {
+            "guest" => Some(4),
+            "other" => Some(6),
+            _ => None,
+        };
+        let plans = restart_plans(&d, "blkback", 3, 7, ids);
+        assert_eq!(plans.len(), 1);
+        let (p, old) = &plans[0];
+        assert_eq!(old, "/local/domain/3/backend/vbd/4/51712");
+        assert_eq!(p.dirs[1].0, "/local/domain/7/backend/vbd/4/51712");
+        assert_eq!(p.dirs[0].1, ["n4".to_string(), "r7".to_string()]);
+        let get = |k: &str| {
+            p.entries
+                .iter()
+                .find(|(p, _)| p == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(
+            get("/local/domain/4/device/vbd/51712/backend-id"),
+            Some("7")
+        );
+        assert_eq!(
+            get("/local/domain/4/device/vbd/51712/backend"),
+            Some("/local/domain/7/backend/vbd/4/51712")
+        );
+        assert_eq!(get("/local/domain/4/device/vbd/51712/state"), Some("1"));
+        // A restarted guest: its new frontend dir, the backend's entry for the old domain
+        // removed.
+        let plans = restart_plans(&d, "guest", 4, 9, |n| (n == "blkback").then_some(3));
+        assert_eq!(plans[0].1, "/local/domain/3/backend/vbd/4/51712");
+        assert_eq!(plans[0].0.dirs[0].0, "/local/domain/9/device/vbd/51712");
+        // Unrelated names, unknown peers: nothing.
+        assert!(restart_plans(&d, "nobody", 1, 2, ids).is_empty());
+        assert!(restart_plans(&d, "blk2", 5, 8, |_| None).is_empty());
     }
 }

@@ -13,7 +13,11 @@
 //!
 //! At boot it also writes the xenstore device entries of the disks its command line declares
 //! (`disk=<frontend>:<backend>:<xvd…>:<r|rw>`, boot domain names; [`ctl_dom::boot_devices`]),
-//! as a Xen toolstack does before the guests' frontends probe.
+//! as a Xen toolstack does before the guests' frontends probe. When a backend (or a guest) of
+//! such a disk is restarted as a new domain, it re-points the device: the frontend's
+//! `backend`/`backend-id` name the new backend (its `state` back to Initialising), the new
+//! backend directory is written from the same declaration and the dead one's removed, so
+//! the guest's blkfront reconnects and re-issues what had no answer.
 //!
 //! Command line: `max_restarts=N` and `window_ms=M` (the limit: at most N restarts of one
 //! domain within M ms; default 3 per 60000), and `exit_when_idle`: once no domain other than
@@ -33,7 +37,8 @@ extern crate alloc;
 mod domain {
     use alloc::vec::Vec;
 
-    use ctl_dom::boot_lifecycle::{BootLifecycle, BootPlatform, BootRecord, RestartLimit};
+    use ctl_dom::boot_devices::{BootDisk, DiskPlan, parse_disks};
+    use ctl_dom::boot_lifecycle::{BootLifecycle, BootPlatform, BootRecord, Outcome, RestartLimit};
     use dom_rt::event::Waiter;
     use dom_rt::{StartInfo, XenError, domctl, evtchn, println};
     use shared_abi::DomId;
@@ -110,30 +115,15 @@ mod domain {
     /// the command line (`disk=<frontend>:<backend>:<xvd…>:<r|rw>`, boot domain names), so
     /// the backends and the guests' frontends find them ([`ctl_dom::boot_devices`]). Needs
     /// the xenstore domain to treat this domain as privileged (its `priv_domid=`).
-    fn write_disks(si: &StartInfo, recs: &[BootRecord]) {
-        use ctl_dom::boot_devices::{disk_plan, parse_disks};
-        use dom_rt::xenbus::TRANSACTION_TRIES;
-        let disks = match parse_disks(si.cmdline()) {
-            Ok(d) => d,
-            Err(e) => {
-                println!("ctl: no disks written: {e}");
-                return;
-            }
-        };
-        if disks.is_empty() {
-            return;
-        }
-        let Some(mut xb) = connect_xs(si) else {
-            println!("ctl: no xenstore connection: no disks written");
-            return;
-        };
+    fn write_disks(xb: &mut Bus, disks: &[BootDisk], recs: &[BootRecord]) {
+        use ctl_dom::boot_devices::disk_plan;
         let id = |name: &str| {
             recs.iter()
                 .find(|r| r.name == name)
                 .map(|r| r.domid)
                 .filter(|&d| d != shared_abi::hypercall_args::domctl::BOOT_NO_DOMAIN)
         };
-        for d in &disks {
+        for d in disks {
             let (Some(fe), Some(be)) = (id(&d.frontend), id(&d.backend)) else {
                 println!(
                     "ctl: disk {} of {}: {} or {} is not a running boot domain",
@@ -144,18 +134,7 @@ mod domain {
             let Some(plan) = disk_plan(fe, be, d) else {
                 continue;
             };
-            // One transaction: a frontend or backend sees the whole device or none of it.
-            let written = xb.transaction(TRANSACTION_TRIES, |xb, tx| {
-                for (dir, perms) in &plan.dirs {
-                    xb.mkdir(tx, dir)?;
-                    xb.set_perms(tx, dir, &[&perms[0], &perms[1]])?;
-                }
-                for (k, v) in &plan.entries {
-                    xb.write(tx, k, v.as_bytes())?;
-                }
-                Ok(())
-            });
-            match written {
+            match write_plan(xb, &plan) {
                 Ok(()) => println!(
                     "ctl: disk {} of {} (domain {fe}) served by {} (domain {be}): device {} written",
                     d.vdev, d.frontend, d.backend, plan.devid
@@ -165,16 +144,91 @@ mod domain {
         }
     }
 
-    /// Apply the policies of every boot domain that died; print what was done.
-    fn scan(l: &mut BootLifecycle) {
+    /// One transaction: a frontend or backend sees the whole device or none of it.
+    fn write_plan(xb: &mut Bus, plan: &DiskPlan) -> Result<(), XenError> {
+        use dom_rt::xenbus::TRANSACTION_TRIES;
+        xb.transaction(TRANSACTION_TRIES, |xb, tx| {
+            for (dir, perms) in &plan.dirs {
+                xb.mkdir(tx, dir)?;
+                xb.set_perms(tx, dir, &[&perms[0], &perms[1]])?;
+            }
+            for (k, v) in &plan.entries {
+                xb.write(tx, k, v.as_bytes())?;
+            }
+            // Nodes already there (a re-pointed device: the frontend's state, ring keys…)
+            // keep the permissions they were created with: give them the directory's, so
+            // the new backend may read them.
+            let (dir, perms) = &plan.dirs[0];
+            set_perms_below(xb, tx, dir, &[&perms[0], &perms[1]], 3)
+        })
+    }
+
+    /// `set_perms` on every node below `dir`, `depth` levels down.
+    fn set_perms_below(
+        xb: &mut Bus,
+        tx: dom_rt::xenbus::Tx,
+        dir: &str,
+        perms: &[&str],
+        depth: u32,
+    ) -> Result<(), XenError> {
+        if depth == 0 {
+            return Ok(());
+        }
+        for child in xb.directory(tx, dir)? {
+            let p = alloc::format!("{dir}/{child}");
+            xb.set_perms(tx, &p, perms)?;
+            set_perms_below(xb, tx, &p, perms, depth - 1)?;
+        }
+        Ok(())
+    }
+
+    /// Boot domain `name` came back as domain `new` (it was `old`): re-point the disks it
+    /// serves or uses ([`ctl_dom::boot_devices::restart_plans`]) — the frontend's
+    /// `backend`/`backend-id` name the new backend, the new backend directory is written
+    /// from the same declaration, the dead side's backend directory is removed — so the
+    /// frontend reconnects and re-issues what was in flight.
+    fn repoint_disks(
+        xb: &mut Bus,
+        disks: &[BootDisk],
+        ids: &[(alloc::string::String, DomId)],
+        name: &str,
+        old: DomId,
+        new: DomId,
+    ) {
+        use ctl_dom::boot_devices::restart_plans;
+        let id_of = |n: &str| ids.iter().find(|(m, _)| m == n).map(|&(_, d)| d);
+        for (plan, stale) in restart_plans(disks, name, old, new, id_of) {
+            match write_plan(xb, &plan) {
+                Ok(()) => println!(
+                    "ctl: device {} re-pointed: {} (domain {old}) is now domain {new}",
+                    plan.devid, name
+                ),
+                Err(e) => println!("ctl: device {}: xenstore: {e:?}", plan.devid),
+            }
+            // A dead domain's tree may be gone already.
+            match xb.rm(dom_rt::xenbus::Tx::NONE, &stale) {
+                Ok(()) | Err(XenError::ENOENT) => {}
+                Err(e) => println!("ctl: removing {stale}: {e:?}"),
+            }
+        }
+    }
+
+    /// Apply the policies of every boot domain that died; print what was done; the
+    /// restarted ones (name, old domid, new domid).
+    fn scan(l: &mut BootLifecycle) -> Vec<(alloc::string::String, DomId, DomId)> {
+        let mut restarted = Vec::new();
         match l.scan(&mut Hv) {
             Ok(outcomes) => {
                 for o in outcomes {
                     println!("{o}");
+                    if let Outcome::Restarted { name, old, new, .. } = o {
+                        restarted.push((name, old, new));
+                    }
                 }
             }
             Err(e) => println!("ctl: cannot list domains: {e:?}"),
         }
+        restarted
     }
 
     pub fn main(si: &'static StartInfo) {
@@ -211,7 +265,27 @@ mod domain {
                 r.on_crash.name()
             );
         }
-        write_disks(si, &recs);
+        let disks = match parse_disks(cmd) {
+            Ok(d) => d,
+            Err(e) => {
+                println!("ctl: no disks written: {e}");
+                Vec::new()
+            }
+        };
+        let mut xb = if disks.is_empty() {
+            None
+        } else {
+            let xb = connect_xs(si);
+            if xb.is_none() {
+                println!("ctl: no xenstore connection: no disks written");
+            }
+            xb
+        };
+        if let Some(xb) = xb.as_mut() {
+            write_disks(xb, &disks, &recs);
+        }
+        let mut ids: Vec<(alloc::string::String, DomId)> =
+            recs.iter().map(|r| (r.name.clone(), r.domid)).collect();
         let mut l = BootLifecycle::new(recs, limit, si.domid);
         println!(
             "ctl: ready; restart limit {} per {} ms",
@@ -220,7 +294,14 @@ mod domain {
         );
         let mut waiter = Waiter::new();
         loop {
-            scan(&mut l);
+            for (name, old, new) in scan(&mut l) {
+                for e in ids.iter_mut().filter(|e| e.0 == name) {
+                    e.1 = new;
+                }
+                if let Some(xb) = xb.as_mut() {
+                    repoint_disks(xb, &disks, &ids, &name, old, new);
+                }
+            }
             if exit_when_idle {
                 match domctl::list_domains() {
                     // A boot domain died since the scan: handle it first.

@@ -192,6 +192,14 @@ impl FakeXen {
         self.grants.keys().filter(|(d, _)| *d == domid).count()
     }
 
+    /// Live grants (of anyone) to `grantee`.
+    pub fn grants_to(&self, grantee: DomId) -> usize {
+        self.grants
+            .values()
+            .filter(|g| g.grantee == grantee)
+            .count()
+    }
+
     /// Mapped grants of `domid`.
     pub fn mapped_grants(&self, domid: DomId) -> usize {
         self.grants

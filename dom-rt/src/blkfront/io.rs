@@ -44,6 +44,10 @@ pub struct Stats {
     pub notifies: u64,
     /// Times the frontend blocked waiting for the backend.
     pub waits: u64,
+    /// Reconnections to a new backend ([`Blkfront::reconnect`]).
+    pub reconnects: u64,
+    /// Requests re-issued to a new backend (they had no response from the old one).
+    pub reissued: u64,
 }
 
 struct Granted<P> {
@@ -54,7 +58,11 @@ struct Granted<P> {
 /// A request in flight.
 struct Shadow<P> {
     queue: usize,
+    /// Submission order (re-issue order after a backend restart).
+    seq: u64,
+    /// The operation (`indirect_op` for indirect requests) and the start in 512-byte units.
     rsp_op: u8,
+    sector_512: u64,
     tag: Tag,
     /// Data pages and the bytes of each used (from offset 0).
     data: Vec<(Granted<P>, usize)>,
@@ -110,6 +118,7 @@ pub struct Blkfront<G: Grants, E: Events> {
     /// Grants the backend still held when we ended them.
     busy: Vec<Granted<G::Page>>,
     broken: Option<Broken>,
+    next_seq: u64,
     stats: Stats,
 }
 
@@ -168,6 +177,7 @@ impl<G: Grants, E: Events> Blkfront<G, E> {
             pages: 0,
             busy: Vec::new(),
             broken: None,
+            next_seq: 0,
             stats: Stats::default(),
         })
     }
@@ -347,7 +357,7 @@ impl<G: Grants, E: Events> Blkfront<G, E> {
                 ..Default::default()
             };
             let slot = BlkifRequestSlot::from_rw(&req);
-            if let Err(e) = self.push(tag, operation, slot, Vec::new(), Vec::new(), 0)
+            if let Err(e) = self.push(tag, operation, 0, slot, Vec::new(), Vec::new(), 0)
                 && let Some(o) = self.ops.get_mut(&tag)
             {
                 o.error.get_or_insert(e);
@@ -420,40 +430,14 @@ impl<G: Grants, E: Events> Blkfront<G, E> {
             }
             pages.push((g, seg_len));
         }
-        let segs: Vec<BlkifRequestSegment> = pages
-            .iter()
-            .map(|(g, l)| BlkifRequestSegment {
-                gref: g.gref,
-                first_sect: 0,
-                last_sect: (l / 512 - 1) as u8,
-            })
-            .collect();
-        let handle = self.info.devid as u16;
-        if nsegs <= BLKIF_MAX_SEGMENTS_PER_REQUEST {
-            let mut seg = DirectSegments::default();
-            seg.0[..nsegs].copy_from_slice(&segs);
-            let req = BlkifRequest {
-                operation,
-                nr_segments: nsegs as u8,
-                handle,
-                id: 0,
-                sector_number: sector_512,
-                seg,
-            };
-            self.push(
-                tag,
-                operation,
-                BlkifRequestSlot::from_rw(&req),
-                pages,
-                Vec::new(),
-                off,
-            )
+        let ind = if nsegs <= BLKIF_MAX_SEGMENTS_PER_REQUEST {
+            Vec::new()
         } else {
             let npages = nsegs.div_ceil(BLKIF_SEGS_PER_INDIRECT_FRAME);
             let mut ind: Vec<Granted<G::Page>> = Vec::with_capacity(npages);
-            for chunk in segs.chunks(BLKIF_SEGS_PER_INDIRECT_FRAME) {
-                let g = match self.get_page(true) {
-                    Ok(g) => g,
+            for _ in 0..npages {
+                match self.get_page(true) {
+                    Ok(g) => ind.push(g),
                     Err(e) => {
                         for (g, _) in pages {
                             self.put_page(g);
@@ -463,7 +447,47 @@ impl<G: Grants, E: Events> Blkfront<G, E> {
                         }
                         return Err(e);
                     }
-                };
+                }
+            }
+            ind
+        };
+        let slot = self.build_slot(operation, sector_512, &pages, &ind);
+        self.push(tag, operation, sector_512, slot, pages, ind, off)
+    }
+
+    /// The request for `data` (and, when not empty, its indirect pages, which get the
+    /// segment arrays written).
+    fn build_slot(
+        &mut self,
+        operation: u8,
+        sector_512: u64,
+        data: &[(Granted<G::Page>, usize)],
+        ind: &[Granted<G::Page>],
+    ) -> BlkifRequestSlot {
+        let segs: Vec<BlkifRequestSegment> = data
+            .iter()
+            .map(|(g, l)| BlkifRequestSegment {
+                gref: g.gref,
+                first_sect: 0,
+                last_sect: (l / 512 - 1) as u8,
+            })
+            .collect();
+        let handle = self.info.devid as u16;
+        if ind.is_empty() {
+            let mut seg = DirectSegments::default();
+            let n = segs.len().min(BLKIF_MAX_SEGMENTS_PER_REQUEST);
+            seg.0[..n].copy_from_slice(&segs[..n]);
+            let req = BlkifRequest {
+                operation,
+                nr_segments: n as u8,
+                handle,
+                id: 0,
+                sector_number: sector_512,
+                seg,
+            };
+            BlkifRequestSlot::from_rw(&req)
+        } else {
+            for (chunk, g) in segs.chunks(BLKIF_SEGS_PER_INDIRECT_FRAME).zip(ind) {
                 let mut bytes = vec![0u8; chunk.len() * BlkifRequestSegment::WIRE_SIZE];
                 for (dst, s) in bytes
                     .chunks_exact_mut(BlkifRequestSegment::WIRE_SIZE)
@@ -472,30 +496,22 @@ impl<G: Grants, E: Events> Blkfront<G, E> {
                     dst.copy_from_slice(&s.to_bytes());
                 }
                 self.grants.write(&g.page, 0, &bytes);
-                ind.push(g);
             }
             let mut grefs = IndirectGrefs::default();
-            for (dst, g) in grefs.0.iter_mut().zip(&ind) {
+            for (dst, g) in grefs.0.iter_mut().zip(ind) {
                 *dst = g.gref;
             }
             let req = BlkifRequestIndirect {
                 operation: op::INDIRECT,
                 indirect_op: operation,
-                nr_segments: nsegs as u16,
+                nr_segments: segs.len() as u16,
                 id: 0,
                 sector_number: sector_512,
                 handle,
                 indirect_grefs: grefs,
             };
             self.stats.indirect_requests += 1;
-            self.push(
-                tag,
-                operation,
-                BlkifRequestSlot::from_indirect(&req),
-                pages,
-                ind,
-                off,
-            )
+            BlkifRequestSlot::from_indirect(&req)
         }
     }
 
@@ -508,6 +524,10 @@ impl<G: Grants, E: Events> Blkfront<G, E> {
             if self.info.persistent {
                 if let Some(g) = self.free_granted.pop() {
                     return Ok(g);
+                }
+                // Pages whose grants ended at a reconnect: granted again, writable.
+                if let Some(p) = self.free_pages.pop() {
+                    return self.grant_page(p, false);
                 }
             } else if let Some(p) = self.free_pages.pop() {
                 return self.grant_page(p, readonly);
@@ -562,10 +582,12 @@ impl<G: Grants, E: Events> Blkfront<G, E> {
 
     /// Put one request on the queue with the most room (waiting for room if every ring is
     /// full).
+    #[allow(clippy::too_many_arguments)]
     fn push(
         &mut self,
         tag: Tag,
         rsp_op: u8,
+        sector_512: u64,
         mut slot: BlkifRequestSlot,
         data: Vec<(Granted<G::Page>, usize)>,
         indirect: Vec<Granted<G::Page>>,
@@ -607,12 +629,15 @@ impl<G: Grants, E: Events> Blkfront<G, E> {
         q.unpublished = true;
         self.shadows[id] = Some(Shadow {
             queue: qi,
+            seq: self.next_seq,
             rsp_op,
+            sector_512,
             tag,
             data,
             indirect,
             offset,
         });
+        self.next_seq += 1;
         if let Some(o) = self.ops.get_mut(&tag) {
             o.outstanding += 1;
         }
@@ -799,6 +824,231 @@ impl<G: Grants, E: Events> Blkfront<G, E> {
         }
         self.stats.waits += 1;
         self.events.wait(&self.ports);
+    }
+
+    /// Follow the toolstack when it re-points this device at another backend (the old one
+    /// died and was restarted as a new domain): if the frontend directory's `backend-id`
+    /// no longer names the backend connected to, [`reconnect`](Self::reconnect) and say so.
+    /// Cheap enough to call whenever the backend has been silent for a while.
+    pub fn follow_backend<S: XsStore>(
+        &mut self,
+        store: &mut S,
+        cfg: &FrontConfig,
+    ) -> Result<bool, BlkError> {
+        use shared_abi::xenbus::{XenbusError, read_other_end};
+        let id = match read_other_end(store, &cfg.frontend_dir, "backend-id", "backend") {
+            Ok((id, _)) => id,
+            // The two keys were read apart, and the toolstack changed them in between (they
+            // disagree for that moment): look again next time.
+            Err(XenbusError::Invalid { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        if id == self.info.backend_id {
+            return Ok(false);
+        }
+        self.reconnect(store, cfg)?;
+        Ok(true)
+    }
+
+    /// Reconnect to the backend the frontend directory now names, as Linux's blkfront does
+    /// after a backend restart (`blkif_recover`): take the responses the old backend still
+    /// posted, end the old rings' grants and close their channels (a dead backend's
+    /// mappings were torn down by the hypervisor, so the grants end; a page still mapped is
+    /// set aside and its data copied), run the handshake again, then re-issue every request
+    /// that had no response, in submission order, with its pages granted to the new
+    /// backend. Operations keep their tags and complete as usual. Re-applying a write the
+    /// old backend may already have done writes the same data again, so nothing
+    /// acknowledged is lost and nothing changes twice.
+    ///
+    /// If the handshake fails, every pending operation fails and the device is dead.
+    pub fn reconnect<S: XsStore>(
+        &mut self,
+        store: &mut S,
+        cfg: &FrontConfig,
+    ) -> Result<(), BlkError> {
+        self.reap();
+        let mut old: Vec<Shadow<G::Page>> =
+            self.shadows.iter_mut().filter_map(Option::take).collect();
+        old.sort_by_key(|s| s.seq);
+        for sh in &old {
+            if let Some(o) = self.ops.get_mut(&sh.tag) {
+                o.outstanding = o.outstanding.saturating_sub(1);
+            }
+        }
+        // The old rings: their grants ended (the ring memory is never reused), ports closed.
+        for q in core::mem::take(&mut self.queues) {
+            for (gref, _) in q.ring_pages {
+                let _ = self.grants.end_access(gref);
+            }
+            self.events.close(q.port);
+        }
+        self.ports.clear();
+        // Free pages: ungranted, granted again on use (to the new backend).
+        for g in core::mem::take(&mut self.free_granted) {
+            if self.grants.end_access(g.gref) {
+                self.free_pages.push(g.page);
+            } else {
+                self.busy.push(g);
+            }
+        }
+        // In-flight pages: ungranted now, keeping their data; granted again below.
+        let mut pending = Vec::with_capacity(old.len());
+        for sh in old {
+            let mut data = Vec::with_capacity(sh.data.len());
+            for (g, len) in sh.data {
+                data.push((self.release(g)?, len));
+            }
+            let mut ind = Vec::with_capacity(sh.indirect.len());
+            for g in sh.indirect {
+                ind.push(self.release(g)?);
+            }
+            pending.push((sh.tag, sh.rsp_op, sh.sector_512, sh.offset, data, ind));
+        }
+        self.broken = None;
+        let n = match negotiate(store, &mut self.grants, &mut self.events, cfg) {
+            Ok(n) => n,
+            Err(e) => {
+                let why = Broken::Lost;
+                self.broken = Some(why);
+                for (_, _, _, _, data, ind) in pending {
+                    self.free_pages.extend(data.into_iter().map(|(p, _)| p));
+                    self.free_pages.extend(ind);
+                }
+                for (tag, _) in core::mem::take(&mut self.ops) {
+                    self.done.push_back((tag, Err(BlkError::Broken(why))));
+                }
+                return Err(e);
+            }
+        };
+        let mut slots = 0usize;
+        for QueueSetup {
+            ring,
+            port,
+            ring_pages,
+        } in n.queues
+        {
+            slots += ring.nr_ents() as usize;
+            self.queues.push(Queue {
+                ring,
+                port,
+                unpublished: false,
+                ring_pages,
+            });
+        }
+        self.ports = self.queues.iter().map(|q| q.port).collect();
+        self.info = n.info;
+        self.max_pages = cfg
+            .max_pages
+            .max(n.info.max_segments + BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST)
+            .max(self.pages);
+        self.shadows = (0..slots).map(|_| None).collect();
+        self.free_ids = (0..slots).rev().collect();
+        self.stats.reconnects += 1;
+        for (tag, operation, sector_512, offset, data, ind) in pending {
+            let fits = if ind.is_empty() {
+                data.len() <= BLKIF_MAX_SEGMENTS_PER_REQUEST
+            } else {
+                self.info.indirect && data.len() <= self.info.max_segments
+            };
+            let regranted = if fits {
+                self.regrant(operation, data, ind)
+            } else {
+                // The new backend takes fewer segments than the old one did: not re-issued.
+                self.free_pages.extend(data.into_iter().map(|(p, _)| p));
+                self.free_pages.extend(ind);
+                Err(BlkError::Io)
+            };
+            let pushed = regranted.and_then(|(data, ind)| {
+                let slot = self.build_slot(operation, sector_512, &data, &ind);
+                self.push(tag, operation, sector_512, slot, data, ind, offset)
+            });
+            match pushed {
+                Ok(()) => self.stats.reissued += 1,
+                Err(e) => {
+                    if let Some(o) = self.ops.get_mut(&tag) {
+                        o.error.get_or_insert(e);
+                    }
+                }
+            }
+            self.maybe_complete(tag);
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// End the grant of an in-flight page, keeping its data: the page itself, or (if the
+    /// grantee still maps it) a copy, the original set aside.
+    fn release(&mut self, g: Granted<G::Page>) -> Result<G::Page, BlkError> {
+        if self.grants.end_access(g.gref) {
+            return Ok(g.page);
+        }
+        let copy = self.grants.alloc_page()?;
+        self.pages += 1;
+        let mut buf = vec![0u8; PAGE_SIZE];
+        self.grants.read(&g.page, 0, &mut buf);
+        self.grants.write(&copy, 0, &buf);
+        self.stats.busy_grants += 1;
+        self.busy.push(g);
+        Ok(copy)
+    }
+
+    /// Grant a re-issued request's pages to the (new) backend.
+    #[allow(clippy::type_complexity)]
+    fn regrant(
+        &mut self,
+        operation: u8,
+        data: Vec<(G::Page, usize)>,
+        ind: Vec<G::Page>,
+    ) -> Result<(Vec<(Granted<G::Page>, usize)>, Vec<Granted<G::Page>>), BlkError> {
+        let readonly = operation == op::WRITE && !self.info.persistent;
+        let mut gd = Vec::with_capacity(data.len());
+        let mut gi = Vec::with_capacity(ind.len());
+        let mut err = None;
+        for (p, len) in data {
+            if err.is_some() {
+                self.free_pages.push(p);
+                continue;
+            }
+            match self.grant_page(p, readonly) {
+                Ok(g) => gd.push((g, len)),
+                Err(e) => err = Some(e),
+            }
+        }
+        for p in ind {
+            if err.is_some() {
+                self.free_pages.push(p);
+                continue;
+            }
+            match self.grant_page(p, !self.info.persistent) {
+                Ok(g) => gi.push(g),
+                Err(e) => err = Some(e),
+            }
+        }
+        match err {
+            None => Ok((gd, gi)),
+            Some(e) => {
+                for (g, _) in gd {
+                    self.put_page(g);
+                }
+                for g in gi {
+                    self.put_page(g);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Make progress once: a finished operation if one is ready, else publish, take
+    /// responses or block for a bounded time ([`Events::wait`]) and look again. `None`
+    /// when nothing finished (the caller may look at the clock, or at the store with
+    /// [`follow_backend`](Self::follow_backend)).
+    pub fn wait_once(&mut self) -> Option<Completion> {
+        if self.done.is_empty() && !self.ops.is_empty() {
+            self.wait_progress();
+        }
+        self.done
+            .pop_front()
+            .map(|(tag, result)| Completion { tag, result })
     }
 
     /// A finished operation without waiting, if there is one.

@@ -126,6 +126,8 @@ pub enum Broken {
     OperationMismatch { id: u64, expected: u8, got: u8 },
     /// A response status the protocol does not define.
     BadStatus { id: u64, status: i16 },
+    /// The backend went away and reconnecting to its successor failed.
+    Lost,
 }
 
 impl fmt::Display for Broken {
@@ -145,6 +147,7 @@ impl fmt::Display for Broken {
             Broken::BadStatus { id, status } => {
                 write!(f, "response {id:#x}: undefined status {status}")
             }
+            Broken::Lost => write!(f, "the backend went away and reconnecting failed"),
         }
     }
 }

@@ -358,3 +358,151 @@ fn large_operations_split_into_eleven_segment_requests() {
     assert_eq!(n, 3, "100 KiB = 44 + 44 + 12 KiB");
     assert_eq!(f.wait(t), Ok(Vec::new()));
 }
+
+const BE2: &str = "/local/domain/2/backend/vbd/7/51712";
+
+/// The restarted backend (domain 2): handshake only, default disk keys.
+fn restarted_peer(store: Rc<RefCell<MemStore>>) -> Peer {
+    let p: Peer = Rc::new(RefCell::new(move || {
+        let mut s = store.borrow_mut();
+        let be_state = s.get(&format!("{BE2}/state")).map(String::from);
+        let fe_state = s.get(&format!("{FE}/state")).map(String::from);
+        if be_state.as_deref() == Some("1") {
+            s.set(&format!("{BE2}/state"), "2");
+        } else if be_state.as_deref() == Some("2") && fe_state.as_deref() == Some("3") {
+            for (k, v) in default_disk() {
+                s.set(&format!("{BE2}/{k}"), v);
+            }
+            s.set(&format!("{BE2}/state"), "4");
+        }
+    }));
+    p
+}
+
+/// (id, sector, first data byte) of the next request on `b`, reading its data page as
+/// domain `mapper`.
+fn take_write(
+    s: &Setup,
+    b: &mut BackRing<BlkifRequestSlot, BlkifResponse>,
+    mapper: DomId,
+) -> (u64, u64, u8) {
+    let slot = b.get_request().unwrap().unwrap();
+    let BlkifRequestKind::Write(r) = slot.parse() else {
+        panic!("not a write");
+    };
+    let gref = r.seg.0[0].gref;
+    let page = s.xen.borrow_mut().map(mapper, 7, gref, false).unwrap();
+    let mut first = [0u8; 1];
+    assert!(page.read(0, &mut first));
+    s.xen.borrow_mut().unmap(7, gref);
+    (r.id, r.sector_number, first[0])
+}
+
+#[test]
+fn a_restarted_backend_gets_every_unanswered_request_again_in_order() {
+    let (s, mut f) = connect();
+    let mut b = back_ring(&s, "ring-ref");
+    let tags: Vec<Tag> = (0..4u8)
+        .map(|i| f.submit_write(8 * u64::from(i), &[i + 1; 4096]).unwrap())
+        .collect();
+    let reqs: Vec<_> = (0..4).map(|_| take_write(&s, &mut b, 1)).collect();
+    // The old backend answers the first and third, then dies: the hypervisor tears its
+    // ring mapping down.
+    answer(&mut b, reqs[0].0, op::WRITE, rsp::OKAY);
+    answer(&mut b, reqs[2].0, op::WRITE, rsp::OKAY);
+    let old_ring: u32 = s
+        .store
+        .borrow()
+        .get(&format!("{FE}/ring-ref"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    s.xen.borrow_mut().unmap(7, old_ring);
+    let cfg = FrontConfig::new(FE);
+    let mut fs = FakeStore::new(s.store.clone(), restarted_peer(s.store.clone()));
+    assert!(
+        !f.follow_backend(&mut fs, &cfg).unwrap(),
+        "not re-pointed yet"
+    );
+    // Caught between the toolstack's two keys (read apart): not yet.
+    s.store.borrow_mut().set(&format!("{FE}/backend"), BE2);
+    assert!(!f.follow_backend(&mut fs, &cfg).unwrap(), "half re-pointed");
+    // The toolstack re-points the device at the restarted backend.
+    {
+        let mut st = s.store.borrow_mut();
+        st.set(&format!("{FE}/backend"), BE2);
+        st.set(&format!("{FE}/backend-id"), "2");
+        st.set(&format!("{FE}/state"), "1");
+        st.set(&format!("{BE2}/frontend"), FE);
+        st.set(&format!("{BE2}/frontend-id"), "7");
+        st.set(&format!("{BE2}/state"), "1");
+    }
+    assert!(f.follow_backend(&mut fs, &cfg).unwrap());
+    assert_eq!(f.info().backend_id, 2);
+    assert_eq!(s.store.borrow().get(&format!("{FE}/state")), Some("4"));
+    // Nothing is granted to the dead backend any more.
+    assert_eq!(s.xen.borrow().grants_to(1), 0);
+    let st = f.stats();
+    assert_eq!((st.reconnects, st.reissued), (1, 2));
+    // The two answered before the crash completed.
+    let mut done: Vec<Tag> = Vec::new();
+    while let Some(c) = f.poll() {
+        c.result.unwrap();
+        done.push(c.tag);
+    }
+    assert_eq!(done, [tags[0], tags[2]]);
+    // The new ring carries the second and fourth writes, in order, with their data.
+    let mut b2 = {
+        let gref: u32 = s
+            .store
+            .borrow()
+            .get(&format!("{FE}/ring-ref"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mem = s.xen.borrow_mut().map_ring(2, 7, &[gref]).unwrap();
+        BackRing::new(mem).unwrap()
+    };
+    let r1 = take_write(&s, &mut b2, 2);
+    let r3 = take_write(&s, &mut b2, 2);
+    assert_eq!((r1.1, r1.2), (8, 2));
+    assert_eq!((r3.1, r3.2), (24, 4));
+    assert!(b2.get_request().unwrap().is_none());
+    answer(&mut b2, r3.0, op::WRITE, rsp::OKAY);
+    answer(&mut b2, r1.0, op::WRITE, rsp::OKAY);
+    assert_eq!(f.wait(tags[1]), Ok(Vec::new()));
+    assert_eq!(f.wait(tags[3]), Ok(Vec::new()));
+    // And it goes on.
+    let t = f.submit_read(0, 512).unwrap();
+    let slot = b2.get_request().unwrap().unwrap();
+    let BlkifRequestKind::Read(r) = slot.parse() else {
+        panic!("not a read");
+    };
+    answer(&mut b2, r.id, op::READ, rsp::OKAY);
+    assert!(f.wait(t).is_ok());
+}
+
+#[test]
+fn a_failed_reconnect_fails_what_was_pending() {
+    let (s, mut f) = connect();
+    let t = f.submit_write(0, &[1; 512]).unwrap();
+    {
+        let mut st = s.store.borrow_mut();
+        st.set(&format!("{FE}/backend"), BE2);
+        st.set(&format!("{FE}/backend-id"), "2");
+    }
+    let mut cfg = FrontConfig::new(FE);
+    cfg.wait_rounds = 3;
+    let mut fs = FakeStore::new(s.store.clone(), super::fake::idle_peer());
+    assert_eq!(
+        f.follow_backend(&mut fs, &cfg),
+        Err(BlkError::Timeout {
+            waiting_for: "InitWait"
+        })
+    );
+    assert_eq!(
+        f.wait_once().map(|c| (c.tag, c.result)),
+        Some((t, Err(BlkError::Broken(Broken::Lost))))
+    );
+    assert!(f.submit_read(0, 512).is_err());
+}

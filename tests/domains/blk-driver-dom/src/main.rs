@@ -23,6 +23,7 @@
 //!   offers an event channel, and once the driver says done checks the canary.
 //! - `writer [n=]`: writes sectors 2.. continuously (each tagged with its sequence number),
 //!   reporting progress; stops after `n` writes if given.
+//! - `bench`: the passthrough reference figures `blk_direct_virtio_*` (see `bench.rs`).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
@@ -31,6 +32,8 @@ dom_rt::entry!(main);
 #[cfg(target_os = "none")]
 extern crate alloc;
 
+#[cfg(target_os = "none")]
+mod bench;
 #[cfg(target_os = "none")]
 mod driver;
 #[cfg(target_os = "none")]

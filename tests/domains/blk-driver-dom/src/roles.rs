@@ -42,6 +42,7 @@ pub fn run(si: &'static StartInfo) {
         "dma-escape" => dma_escape(si),
         "victim" => victim(si),
         "writer" => writer(si),
+        "bench" => crate::bench::run(si),
         other => Err(format!("unknown role {other:?}")),
     };
     match r {

@@ -10,6 +10,9 @@
 //!   default `ram`);
 //! - `blk_close`: Closing/Closed with the backend.
 //!
+//! `role=restart` replaces the pattern and benchmarks with the restart-without-loss
+//! scenario (`restart.rs`).
+//!
 //! The device is the first under `device/vbd` (written by the toolstack), or, with
 //! `backend=<domid>` on the command line, device 51712 whose frontend directory this guest
 //! writes itself (systems without a toolstack writing device entries). `queues=`,
@@ -21,6 +24,12 @@ dom_rt::entry!(guest::main);
 
 #[cfg(target_os = "none")]
 extern crate alloc;
+
+#[cfg(target_os = "none")]
+mod restart;
+
+#[cfg(target_os = "none")]
+mod hostile;
 
 #[cfg(target_os = "none")]
 mod guest {
@@ -272,11 +281,18 @@ mod guest {
 
     pub fn main(si: &'static StartInfo) {
         let cmdline = si.cmdline();
+        if param(cmdline, "role") == Some("hostile") {
+            return crate::hostile::main(si);
+        }
         let Some(mut xb) = connect_xs(si) else {
             result("blk_connect", false, "no xenstore connection");
             return;
         };
         let me = si.domid;
+        if param(cmdline, "role") == Some("killer") {
+            crate::restart::killer(&mut xb, cmdline);
+            return;
+        }
         let dir = match param(cmdline, "backend").and_then(|b| b.parse::<DomId>().ok()) {
             Some(b) => write_frontend_dir(&mut xb, me, b)
                 .map_err(|e| format!("writing the frontend dir: {e:?}")),
@@ -328,12 +344,16 @@ mod guest {
                 i.flush
             ),
         );
-        match pattern(&mut f) {
-            Ok(d) => result("blk_pattern", true, d),
-            Err(e) => result("blk_pattern", false, e),
+        if param(cmdline, "role") == Some("restart") {
+            crate::restart::run(&mut xb, me, &mut f, &cfg);
+        } else {
+            match pattern(&mut f) {
+                Ok(d) => result("blk_pattern", true, d),
+                Err(e) => result("blk_pattern", false, e),
+            }
+            let tag = param(cmdline, "tag").unwrap_or("ram");
+            bench(&mut f, tag);
         }
-        let tag = param(cmdline, "tag").unwrap_or("ram");
-        bench(&mut f, tag);
         let s = f.stats();
         println!(
             "blkfront: {} requests ({} indirect), {} grants, {} notifies, {} waits",
