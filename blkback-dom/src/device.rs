@@ -95,6 +95,75 @@ pub trait BlockDevice {
     fn discard(&mut self, offset: u64, len: u64, secure: bool) -> Result<(), DeviceError>;
 }
 
+/// A window of another device: `sectors` sectors from sector `start` (a partition), served
+/// as a whole disk of its own, optionally read-only. Every access is checked against the
+/// window before it reaches the device, so a frontend of one partition never touches another.
+pub struct Partition<D> {
+    inner: D,
+    start_byte: u64,
+    len_bytes: u64,
+    read_only: bool,
+}
+
+impl<D: BlockDevice> Partition<D> {
+    /// `BadGeometry` for an empty window or one that does not lie inside `inner`.
+    pub fn new(inner: D, start: u64, sectors: u64, read_only: bool) -> Result<Self, DeviceError> {
+        let info = inner.info();
+        let ss = u64::from(info.sector_size);
+        let start_byte = start.checked_mul(ss).ok_or(DeviceError::BadGeometry)?;
+        let len_bytes = sectors.checked_mul(ss).ok_or(DeviceError::BadGeometry)?;
+        let end = start.checked_add(sectors).ok_or(DeviceError::BadGeometry)?;
+        if sectors == 0 || end > info.sectors {
+            return Err(DeviceError::BadGeometry);
+        }
+        Ok(Partition {
+            inner,
+            start_byte,
+            len_bytes,
+            read_only: read_only || info.read_only,
+        })
+    }
+
+    /// The device it is a window of.
+    pub fn inner(&self) -> &D {
+        &self.inner
+    }
+}
+
+impl<D: BlockDevice> BlockDevice for Partition<D> {
+    fn info(&self) -> DeviceInfo {
+        let mut i = self.inner.info();
+        i.sectors = self.len_bytes / u64::from(i.sector_size);
+        i.read_only = self.read_only;
+        i
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        check_range(offset, buf.len() as u64, self.len_bytes)?;
+        self.inner.read(self.start_byte + offset, buf)
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        if self.read_only {
+            return Err(DeviceError::ReadOnly);
+        }
+        check_range(offset, data.len() as u64, self.len_bytes)?;
+        self.inner.write(self.start_byte + offset, data)
+    }
+
+    fn flush(&mut self) -> Result<(), DeviceError> {
+        self.inner.flush()
+    }
+
+    fn discard(&mut self, offset: u64, len: u64, secure: bool) -> Result<(), DeviceError> {
+        if self.read_only {
+            return Err(DeviceError::ReadOnly);
+        }
+        check_range(offset, len, self.len_bytes)?;
+        self.inner.discard(self.start_byte + offset, len, secure)
+    }
+}
+
 /// Check `offset + len` against `capacity` without overflow.
 pub fn check_range(offset: u64, len: u64, capacity: u64) -> Result<(), DeviceError> {
     match offset.checked_add(len) {
@@ -413,5 +482,52 @@ mod tests {
         assert_eq!(io.device().flushes, 2);
         assert_eq!(&io.device().bytes()[..512], &[3; 512]);
         assert!(io.poll().is_none());
+    }
+
+    #[test]
+    fn a_partition_is_a_disk_of_its_own_and_never_reaches_outside() {
+        let mut disk = RamDisk::new(64, 512).unwrap();
+        disk.write(0, &[0xaa; 512 * 64]).unwrap();
+        let mut p = Partition::new(disk, 8, 16, false).unwrap();
+        assert_eq!(p.info().sectors, 16);
+        p.write(0, &[1; 512]).unwrap();
+        p.write(15 * 512, &[2; 512]).unwrap();
+        assert_eq!(
+            p.write(16 * 512, &[3; 1]),
+            Err(DeviceError::OutOfRange {
+                offset: 16 * 512,
+                len: 1
+            })
+        );
+        assert!(p.read(15 * 512 + 1, &mut [0; 512]).is_err());
+        assert!(p.read(u64::MAX, &mut [0; 1]).is_err());
+        assert!(p.discard(0, 17 * 512, false).is_err());
+        let mut whole = [0u8; 512 * 64];
+        p.inner.read(0, &mut whole).unwrap();
+        assert!(whole[..8 * 512].iter().all(|&b| b == 0xaa));
+        assert!(whole[8 * 512..9 * 512].iter().all(|&b| b == 1));
+        assert!(whole[23 * 512..24 * 512].iter().all(|&b| b == 2));
+        assert!(whole[24 * 512..].iter().all(|&b| b == 0xaa));
+        // Read-only windows refuse writes and discards but read.
+        let mut ro = Partition::new(p.inner, 0, 8, true).unwrap();
+        assert!(ro.info().read_only);
+        assert_eq!(ro.write(0, &[0; 512]), Err(DeviceError::ReadOnly));
+        assert_eq!(ro.discard(0, 512, false), Err(DeviceError::ReadOnly));
+        let mut b = [0u8; 512];
+        ro.read(0, &mut b).unwrap();
+        assert_eq!(b, [0xaa; 512]);
+    }
+
+    #[test]
+    fn partitions_outside_the_disk_are_refused() {
+        for (start, sectors) in [(0, 0), (60, 5), (64, 1), (u64::MAX, 2), (1, u64::MAX)] {
+            let disk = RamDisk::new(64, 512).unwrap();
+            assert_eq!(
+                Partition::new(disk, start, sectors, false).err(),
+                Some(DeviceError::BadGeometry),
+                "{start}+{sectors}"
+            );
+        }
+        assert!(Partition::new(RamDisk::new(64, 512).unwrap(), 0, 64, false).is_ok());
     }
 }

@@ -17,6 +17,8 @@
 //!
 //! Command line: `ramdisk_mib=<n>`; `disk=virtio`: the first device is served from the
 //! assigned virtio-blk function instead (device_owner capability, dom-rt's device layer),
+//! the whole disk or, with `part=<start sector>+<sectors>`, only that window of it (`ro`:
+//! read-only);
 //! the others from RAM disks; `serve=<frontend-id>:<devid>[,...]` makes the domain write
 //! the backend directory of those devices itself (for systems without a toolstack writing
 //! device entries; the frontend then writes its own directory); `exit_when_idle` powers off
@@ -44,7 +46,9 @@ mod domain {
     use core::cell::Cell;
     use core::sync::atomic::{AtomicU64, Ordering};
 
-    use blkback_dom::device::{BlockDevice, DeviceError, DeviceInfo, RamDisk, SyncIo, check_range};
+    use blkback_dom::device::{
+        BlockDevice, DeviceError, DeviceInfo, Partition, RamDisk, SyncIo, check_range,
+    };
     use blkback_dom::engine::{Notify, Vbd};
     use blkback_dom::grant::{GrantMapper, MapRequest, Mapping};
     use blkback_dom::xenbus::{Action, BackendOffer, BlkbackXenbus, Connection};
@@ -103,16 +107,18 @@ mod domain {
         DeviceError::Io { errno: 5 }
     }
 
-    /// A RAM disk or the virtio-blk disk.
+    /// A RAM disk, the virtio-blk disk, or a partition of one (`part=`).
     enum Disk {
         Ram(RamDisk),
         Virtio(Box<VirtioDisk>),
+        Part(Box<Partition<Disk>>),
     }
 
     impl BlockDevice for Disk {
         fn info(&self) -> DeviceInfo {
             match self {
                 Disk::Ram(d) => d.info(),
+                Disk::Part(p) => p.info(),
                 Disk::Virtio(v) => DeviceInfo {
                     sector_size: 512,
                     physical_sector_size: 512,
@@ -126,6 +132,7 @@ mod domain {
         fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
             match self {
                 Disk::Ram(d) => d.read(offset, buf),
+                Disk::Part(p) => p.read(offset, buf),
                 Disk::Virtio(v) => {
                     let block = v.check(offset, buf.len())?;
                     v.blk.read_blocks(block, buf).map_err(verr)
@@ -136,6 +143,7 @@ mod domain {
         fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
             match self {
                 Disk::Ram(d) => d.write(offset, data),
+                Disk::Part(p) => p.write(offset, data),
                 Disk::Virtio(v) => {
                     let block = v.check(offset, data.len())?;
                     v.blk.write_blocks(block, data).map_err(verr)
@@ -146,6 +154,7 @@ mod domain {
         fn flush(&mut self) -> Result<(), DeviceError> {
             match self {
                 Disk::Ram(d) => d.flush(),
+                Disk::Part(p) => p.flush(),
                 Disk::Virtio(v) => v.blk.flush().map_err(verr),
             }
         }
@@ -153,6 +162,7 @@ mod domain {
         fn discard(&mut self, offset: u64, len: u64, secure: bool) -> Result<(), DeviceError> {
             match self {
                 Disk::Ram(d) => d.discard(offset, len, secure),
+                Disk::Part(p) => p.discard(offset, len, secure),
                 Disk::Virtio(_) => Err(DeviceError::Unsupported),
             }
         }
@@ -304,6 +314,10 @@ mod domain {
         probed: u64,
         /// `disk=virtio`: the virtio-blk disk, until the first device takes it.
         virtio: Option<VirtioDisk>,
+        /// `part=<start>+<sectors>`: serve only that window of the virtio-blk disk.
+        partition: Option<(u64, u64)>,
+        /// `ro`: serve the virtio-blk disk (or its window) read-only.
+        read_only: bool,
     }
 
     fn clear_pending(port: EvtchnPort) {
@@ -360,7 +374,16 @@ mod domain {
                 match probed {
                     Ok(dev) => {
                         let disk = match self.virtio.take() {
-                            Some(v) => Ok(SyncIo::new(Disk::Virtio(Box::new(v)))),
+                            Some(v) => {
+                                let whole = Disk::Virtio(Box::new(v));
+                                match self.partition {
+                                    Some((start, sectors)) => {
+                                        Partition::new(whole, start, sectors, self.read_only)
+                                            .map(|p| SyncIo::new(Disk::Part(Box::new(p))))
+                                    }
+                                    None => Ok(SyncIo::new(whole)),
+                                }
+                            }
                             None => RamDisk::new(self.ramdisk_sectors, 512)
                                 .map(|d| SyncIo::new(Disk::Ram(d))),
                         };
@@ -719,6 +742,21 @@ mod domain {
                 }
             }
         }
+        let partition = match param(cmdline, "part") {
+            None => None,
+            Some(v) => {
+                let parsed = v
+                    .split_once('+')
+                    .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+                if parsed.is_none() {
+                    println!(
+                        "blkback: part={v}: want <start sector>+<sectors> (decimal); serving the whole disk is refused"
+                    );
+                    return;
+                }
+                parsed
+            }
+        };
         let virtio = if param(cmdline, "disk") == Some("virtio") {
             match VirtioDisk::open() {
                 Ok(v) => {
@@ -754,6 +792,8 @@ mod domain {
             connections: 0,
             probed: 0,
             virtio,
+            partition,
+            read_only: cmdline.split_whitespace().any(|w| w == "ro"),
         };
         let dirty = b.dirty.clone();
         if let Err(e) = xb.watch(&b.base(), move |_| dirty.set(true)) {
