@@ -232,6 +232,66 @@ fn guest_on_a_partition_of_the_virtio_blk_disk() {
     }
 }
 
+/// blk-guest-dom's `blk_pattern` disk (its `pattern()`: 120 writes cycling through these
+/// sizes at seeded sectors, each filled from its own seed), re-derived on the host.
+fn pattern_model(disk: usize) -> Vec<u8> {
+    const SIZES: [usize; 9] = [512, 4096, 1536, 45056, 45568, 131_072, 1 << 20, 3584, 65536];
+    let mut model = vec![0u8; disk];
+    let mut rng = Xorshift(0x5EED_B10C);
+    for (i, &size) in SIZES.iter().cycle().take(120).enumerate() {
+        let size = size.max(512) / 512 * 512;
+        if size > disk {
+            continue;
+        }
+        let sector = rng.next() % ((disk - size) / 512 + 1) as u64;
+        let off = sector as usize * 512;
+        let mut data = Xorshift((i as u64 + 1) | 1);
+        for c in model[off..off + size].chunks_mut(8) {
+            c.copy_from_slice(&data.next().to_le_bytes()[..c.len()]);
+        }
+    }
+    model
+}
+
+/// The guest writes its seeded pattern (mixed sizes and offsets, flushes) on the virtio-blk
+/// disk with no benchmark afterwards (`bench=0`); after QEMU exits the image must hold exactly
+/// that pattern, byte for byte.
+#[test]
+fn the_disk_image_holds_exactly_the_pattern_after_qemu_exits() {
+    let dir = tests::scenario_dir().join("blk-virtio-exact");
+    std::fs::create_dir_all(&dir).expect("scenario dir");
+    let disk = dir.join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 8 << 20]).expect("writing the disk");
+    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let backend = "\n[[domain]]\nname = \"blkback\"\ncrate = \"blkback-dom\"\nbinary = \"blkback-domain\"\nmemory_mib = 32\ncmdline = \"disk=virtio serve=3:51712 exit_when_idle\"\ncapabilities = [\"grant_map\", \"device_owner\"]\ndevices = [{ id = \"1af4:1042\" }]\n";
+    let b = boot_qemu(
+        "blk_virtio_exact",
+        XENSTORE,
+        &[backend.to_string(), guest("backend=2 bench=0")],
+        &[
+            "-device",
+            "intel-iommu",
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-pci,drive=d0,addr=03.0,disable-legacy=on,iommu_platform=on",
+        ],
+    );
+    b.expect_outcome(Outcome::CleanPoweroff)
+        .expect_no_failed_results();
+    for r in ["blk_connect", "blk_pattern", "blk_close"] {
+        b.expect_result_pass(r);
+    }
+    let img = std::fs::read(&disk).expect("reading the disk image");
+    let model = pattern_model(img.len());
+    if let Some(i) = (0..img.len()).find(|&i| img[i] != model[i]) {
+        b.fail(&format!(
+            "the disk image differs from the pattern at byte {i}: {:#04x}, want {:#04x}",
+            img[i], model[i]
+        ));
+    }
+}
+
 /// xorshift64*, as blk-guest-dom's `restart.rs` draws it.
 struct Xorshift(u64);
 

@@ -351,8 +351,11 @@ mod guest {
                 Ok(d) => result("blk_pattern", true, d),
                 Err(e) => result("blk_pattern", false, e),
             }
-            let tag = param(cmdline, "tag").unwrap_or("ram");
-            bench(&mut f, tag);
+            // `bench=0`: leave the disk holding exactly the pattern (a host-side check).
+            if param(cmdline, "bench") != Some("0") {
+                let tag = param(cmdline, "tag").unwrap_or("ram");
+                bench(&mut f, tag);
+            }
         }
         let s = f.stats();
         println!(
