@@ -180,28 +180,43 @@ fn guest_on_a_virtio_blk_disk() {
     }
 }
 
-/// One partition of the virtio-blk disk (`part=8192+16384`: 8 MiB from 4 MiB) served as the
-/// guest's whole disk: the guest's pattern lands inside the window (zeroed by the test, as the
-/// guest's model assumes), and after QEMU exits every byte outside it still holds the fill
+/// Two guests on two partitions of one virtio-blk disk (`part=3:8192+16384,4:24576+8192`:
+/// 8 MiB from 4 MiB, 4 MiB from 12 MiB), each served as that guest's whole disk. Each guest
+/// writes its seeded pattern with no benchmark after it (`bench=0`); after QEMU exits each
+/// window holds exactly its guest's pattern and every byte outside both still holds the fill
 /// byte the test put there.
 #[test]
-fn guest_on_a_partition_of_the_virtio_blk_disk() {
+fn two_guests_on_two_partitions_of_the_virtio_blk_disk() {
     const FILL: u8 = 0x5a;
-    const START: usize = 8192 * 512;
-    const LEN: usize = 16384 * 512;
+    const A: (usize, usize) = (8192 * 512, 16384 * 512);
+    const B: (usize, usize) = (24576 * 512, 8192 * 512);
     let dir = tests::scenario_dir().join("blk-virtio-part");
     std::fs::create_dir_all(&dir).expect("scenario dir");
     let disk = dir.join("disk.raw");
-    // The guest's model of its disk starts zeroed: the window is zero, the rest FILL.
-    let mut bytes = vec![FILL; 16 << 20];
-    bytes[START..START + LEN].fill(0);
+    // The guests' models of their disks start zeroed: the windows are zero, the rest FILL.
+    let mut bytes = vec![FILL; 20 << 20];
+    for (start, len) in [A, B] {
+        bytes[start..start + len].fill(0);
+    }
     std::fs::write(&disk, bytes).expect("writing the disk");
     let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
-    let backend = "\n[[domain]]\nname = \"blkback\"\ncrate = \"blkback-dom\"\nbinary = \"blkback-domain\"\nmemory_mib = 32\ncmdline = \"disk=virtio part=8192+16384 serve=3:51712 exit_when_idle\"\ncapabilities = [\"grant_map\", \"device_owner\"]\ndevices = [{ id = \"1af4:1042\" }]\n";
+    let backend = "\n[[domain]]\nname = \"blkback\"\ncrate = \"blkback-dom\"\nbinary = \"blkback-domain\"\nmemory_mib = 32\ncmdline = \"disk=virtio part=3:8192+16384,4:24576+8192 serve=3:51712,4:51712 exit_when_idle\"\ncapabilities = [\"grant_map\", \"device_owner\"]\ndevices = [{ id = \"1af4:1042\" }]\n";
+    // persistent=0: with two frontends each filling a persistent pool with 1 MiB writes the
+    // backend's grant mappings fail (a known gap: blkback does not yet bound its pools by
+    // what its domain can map), which is not what this scenario is about.
+    let guest_named = |name: &str| {
+        format!(
+            "\n[[domain]]\nname = \"{name}\"\ncrate = \"blk-guest-dom\"\nmemory_mib = 32\ncmdline = \"backend=2 bench=0 persistent=0\"\ncapabilities = []\n"
+        )
+    };
     let b = boot_qemu(
-        "blk_virtio_part",
+        "blk_virtio_parts",
         XENSTORE,
-        &[backend.to_string(), guest("backend=2 tag=virtio")],
+        &[
+            backend.to_string(),
+            guest_named("blk-guest-a"),
+            guest_named("blk-guest-b"),
+        ],
         &[
             "-device",
             "intel-iommu",
@@ -211,24 +226,40 @@ fn guest_on_a_partition_of_the_virtio_blk_disk() {
             "virtio-blk-pci,drive=d0,addr=03.0,disable-legacy=on,iommu_platform=on",
         ],
     );
-    check_tag(&b, "virtio");
+    b.expect_outcome(Outcome::CleanPoweroff)
+        .expect_no_failed_results();
+    let passes = |r: &str| {
+        b.console()
+            .lines()
+            .iter()
+            .filter(|l| l.contains(&format!("RESULT {r} pass")))
+            .count()
+    };
+    for r in ["blk_connect", "blk_pattern", "blk_close"] {
+        if passes(r) != 2 {
+            b.fail(&format!(
+                "{r} passed {} time(s), want once per guest",
+                passes(r)
+            ));
+        }
+    }
     let img = std::fs::read(&disk).expect("reading the disk image");
-    let outside = img[..START]
+    for (name, (start, len)) in [("a", A), ("b", B)] {
+        let model = pattern_model(len);
+        if let Some(i) = (0..len).find(|&i| img[start + i] != model[i]) {
+            b.fail(&format!(
+                "guest {name}'s partition differs from its pattern at byte {i} of the window"
+            ));
+        }
+    }
+    let outside = img
         .iter()
-        .chain(&img[START + LEN..])
-        .filter(|&&x| x != FILL)
+        .enumerate()
+        .filter(|&(i, _)| !(A.0..B.0 + B.1).contains(&i))
+        .filter(|&(_, &x)| x != FILL)
         .count();
     if outside != 0 {
-        b.fail(&format!("{outside} byte(s) outside the partition changed"));
-    }
-    let inside = img[START..START + LEN]
-        .iter()
-        .filter(|&&x| x != FILL)
-        .count();
-    if inside < LEN / 2 {
-        b.fail(&format!(
-            "only {inside} of {LEN} bytes inside the partition changed: the writes did not reach it"
-        ));
+        b.fail(&format!("{outside} byte(s) outside the partitions changed"));
     }
 }
 

@@ -17,8 +17,9 @@
 //!
 //! Command line: `ramdisk_mib=<n>`; `disk=virtio`: the first device is served from the
 //! assigned virtio-blk function instead (device_owner capability, dom-rt's device layer),
-//! the whole disk or, with `part=<start sector>+<sectors>`, only that window of it (`ro`:
-//! read-only);
+//! the whole disk or, with `part=<frontend>:<start>+<sectors>[:ro][,...]`, one window
+//! (partition) of it per listed frontend — windows may not overlap — while unlisted
+//! frontends get RAM disks;
 //! the others from RAM disks; `serve=<frontend-id>:<devid>[,...]` makes the domain write
 //! the backend directory of those devices itself (for systems without a toolstack writing
 //! device entries; the frontend then writes its own directory); `exit_when_idle` powers off
@@ -43,7 +44,7 @@ mod domain {
     use alloc::rc::Rc;
     use alloc::string::{String, ToString};
     use alloc::vec::Vec;
-    use core::cell::Cell;
+    use core::cell::{Cell, RefCell};
     use core::sync::atomic::{AtomicU64, Ordering};
 
     use blkback_dom::device::{
@@ -107,11 +108,78 @@ mod domain {
         DeviceError::Io { errno: 5 }
     }
 
-    /// A RAM disk, the virtio-blk disk, or a partition of one (`part=`).
+    /// A RAM disk, the virtio-blk disk (shared by the devices served from its partitions;
+    /// one request at a time, so a `RefCell` borrow never overlaps), or a partition of it.
     enum Disk {
         Ram(RamDisk),
-        Virtio(Box<VirtioDisk>),
+        Virtio(Rc<RefCell<VirtioDisk>>),
         Part(Box<Partition<Disk>>),
+    }
+
+    /// `part=<frontend>:<start>+<sectors>[:ro]`: the window of the virtio-blk disk that
+    /// frontend domain's disk is.
+    #[derive(Clone, Copy, Debug)]
+    struct PartSpec {
+        frontend: DomId,
+        start: u64,
+        sectors: u64,
+        read_only: bool,
+    }
+
+    /// Parse `part=` (comma-separated specs); windows must not overlap and each frontend has
+    /// at most one.
+    fn parse_parts(v: &str) -> Result<Vec<PartSpec>, String> {
+        let mut out: Vec<PartSpec> = Vec::new();
+        for item in v.split(',') {
+            let mut f = item.split(':');
+            let fe = f.next().and_then(|x| x.parse::<DomId>().ok());
+            let range = f.next().and_then(|r| {
+                let (a, b) = r.split_once('+')?;
+                Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?))
+            });
+            let ro = match f.next() {
+                None => Some(false),
+                Some("ro") => Some(true),
+                Some("rw") => Some(false),
+                Some(_) => None,
+            };
+            let (Some(frontend), Some((start, sectors)), Some(read_only), None) =
+                (fe, range, ro, f.next())
+            else {
+                return Err(format!(
+                    "part entry {item:?}: want <frontend domid>:<start sector>+<sectors>[:ro|:rw]"
+                ));
+            };
+            let end = start
+                .checked_add(sectors)
+                .filter(|_| sectors > 0)
+                .ok_or_else(|| format!("part entry {item:?}: empty or overflowing window"))?;
+            for o in &out {
+                if o.frontend == frontend {
+                    return Err(format!("part: frontend {frontend} has two windows"));
+                }
+                if start < o.start + o.sectors && o.start < end {
+                    return Err(format!(
+                        "part: the windows of frontends {} and {frontend} overlap",
+                        o.frontend
+                    ));
+                }
+            }
+            out.push(PartSpec {
+                frontend,
+                start,
+                sectors,
+                read_only,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The frontend domain of a backend directory `.../backend/vbd/<frontend>/<devid>`.
+    fn frontend_of(dir: &str) -> Option<DomId> {
+        let mut it = dir.rsplit('/');
+        it.next()?;
+        it.next()?.parse().ok()
     }
 
     impl BlockDevice for Disk {
@@ -119,13 +187,16 @@ mod domain {
             match self {
                 Disk::Ram(d) => d.info(),
                 Disk::Part(p) => p.info(),
-                Disk::Virtio(v) => DeviceInfo {
-                    sector_size: 512,
-                    physical_sector_size: 512,
-                    sectors: v.blk.capacity(),
-                    read_only: v.blk.readonly(),
-                    discard: None,
-                },
+                Disk::Virtio(v) => {
+                    let v = v.borrow();
+                    DeviceInfo {
+                        sector_size: 512,
+                        physical_sector_size: 512,
+                        sectors: v.blk.capacity(),
+                        read_only: v.blk.readonly(),
+                        discard: None,
+                    }
+                }
             }
         }
 
@@ -134,6 +205,7 @@ mod domain {
                 Disk::Ram(d) => d.read(offset, buf),
                 Disk::Part(p) => p.read(offset, buf),
                 Disk::Virtio(v) => {
+                    let mut v = v.borrow_mut();
                     let block = v.check(offset, buf.len())?;
                     v.blk.read_blocks(block, buf).map_err(verr)
                 }
@@ -145,6 +217,7 @@ mod domain {
                 Disk::Ram(d) => d.write(offset, data),
                 Disk::Part(p) => p.write(offset, data),
                 Disk::Virtio(v) => {
+                    let mut v = v.borrow_mut();
                     let block = v.check(offset, data.len())?;
                     v.blk.write_blocks(block, data).map_err(verr)
                 }
@@ -155,7 +228,7 @@ mod domain {
             match self {
                 Disk::Ram(d) => d.flush(),
                 Disk::Part(p) => p.flush(),
-                Disk::Virtio(v) => v.blk.flush().map_err(verr),
+                Disk::Virtio(v) => v.borrow_mut().blk.flush().map_err(verr),
             }
         }
 
@@ -312,12 +385,12 @@ mod domain {
         dirty: Rc<Cell<bool>>,
         connections: u64,
         probed: u64,
-        /// `disk=virtio`: the virtio-blk disk, until the first device takes it.
-        virtio: Option<VirtioDisk>,
-        /// `part=<start>+<sectors>`: serve only that window of the virtio-blk disk.
-        partition: Option<(u64, u64)>,
-        /// `ro`: serve the virtio-blk disk (or its window) read-only.
-        read_only: bool,
+        /// `disk=virtio`: the virtio-blk disk.
+        virtio: Option<Rc<RefCell<VirtioDisk>>>,
+        /// `part=`: the frontends served from windows of it; without, the first frontend
+        /// to probe gets the whole disk (`whole_owner`) and the others RAM disks.
+        parts: Vec<PartSpec>,
+        whole_owner: Option<DomId>,
     }
 
     fn clear_pending(port: EvtchnPort) {
@@ -332,6 +405,24 @@ mod domain {
     }
 
     impl Backend {
+        /// The disk a newly probed device at `dir` is served from.
+        fn disk_for(&mut self, dir: &str) -> Result<Io, DeviceError> {
+            let fe = frontend_of(dir);
+            if let Some(v) = &self.virtio {
+                if !self.parts.is_empty() {
+                    if let Some(p) = self.parts.iter().find(|p| Some(p.frontend) == fe) {
+                        let whole = Disk::Virtio(v.clone());
+                        return Partition::new(whole, p.start, p.sectors, p.read_only)
+                            .map(|p| SyncIo::new(Disk::Part(Box::new(p))));
+                    }
+                } else if self.whole_owner.is_none() || self.whole_owner == fe {
+                    self.whole_owner = fe;
+                    return Ok(SyncIo::new(Disk::Virtio(v.clone())));
+                }
+            }
+            RamDisk::new(self.ramdisk_sectors, 512).map(|d| SyncIo::new(Disk::Ram(d)))
+        }
+
         fn base(&self) -> String {
             format!("/local/domain/{}/backend/vbd", self.me)
         }
@@ -373,20 +464,7 @@ mod domain {
                 };
                 match probed {
                     Ok(dev) => {
-                        let disk = match self.virtio.take() {
-                            Some(v) => {
-                                let whole = Disk::Virtio(Box::new(v));
-                                match self.partition {
-                                    Some((start, sectors)) => {
-                                        Partition::new(whole, start, sectors, self.read_only)
-                                            .map(|p| SyncIo::new(Disk::Part(Box::new(p))))
-                                    }
-                                    None => Ok(SyncIo::new(whole)),
-                                }
-                            }
-                            None => RamDisk::new(self.ramdisk_sectors, 512)
-                                .map(|d| SyncIo::new(Disk::Ram(d))),
-                        };
+                        let disk = self.disk_for(&dir);
                         let disk = match disk {
                             Ok(d) => d,
                             Err(e) => {
@@ -742,19 +820,12 @@ mod domain {
                 }
             }
         }
-        let partition = match param(cmdline, "part") {
-            None => None,
-            Some(v) => {
-                let parsed = v
-                    .split_once('+')
-                    .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
-                if parsed.is_none() {
-                    println!(
-                        "blkback: part={v}: want <start sector>+<sectors> (decimal); serving the whole disk is refused"
-                    );
-                    return;
-                }
-                parsed
+        let parts = match param(cmdline, "part").map(parse_parts) {
+            None => Vec::new(),
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                println!("blkback: {e}; refusing to serve anything");
+                return;
             }
         };
         let virtio = if param(cmdline, "disk") == Some("virtio") {
@@ -791,9 +862,9 @@ mod domain {
             dirty: Rc::new(Cell::new(true)),
             connections: 0,
             probed: 0,
-            virtio,
-            partition,
-            read_only: cmdline.split_whitespace().any(|w| w == "ro"),
+            virtio: virtio.map(|v| Rc::new(RefCell::new(v))),
+            parts,
+            whole_owner: None,
         };
         let dirty = b.dirty.clone();
         if let Err(e) = xb.watch(&b.base(), move |_| dirty.set(true)) {
