@@ -32,11 +32,17 @@ fn header(cmd: u32, domain: DomId) -> [u8; dc::DOMCTL_LEN] {
 
 /// Every domain (dead ones included, while the hypervisor keeps their entries), in id order.
 pub fn list_domains() -> Result<Vec<DomainInfo>, XenError> {
+    list_paged(dc::LIST_DOMAINS, |r: &DomainInfo| r.domid)
+}
+
+/// Page through a domctl that fills a [`ListDomains`] buffer with `T` records in domain-id
+/// order (`LIST_DOMAINS`, `XENSTORE_DOMAINS`), [`BATCH`] at a time, until a short batch.
+pub(crate) fn list_paged<T: Wire>(cmd: u32, domid_of: fn(&T) -> DomId) -> Result<Vec<T>, XenError> {
     let mut all = Vec::new();
     let mut first: DomId = 0;
     loop {
-        let mut out = vec![0u8; BATCH as usize * DomainInfo::SIZE];
-        let mut b = header(dc::LIST_DOMAINS, 0);
+        let mut out = vec![0u8; BATCH as usize * T::SIZE];
+        let mut b = header(cmd, 0);
         ListDomains {
             first_domain: first,
             pad: 0,
@@ -50,12 +56,8 @@ pub fn list_domains() -> Result<Vec<DomainInfo>, XenError> {
             .ok()
             .filter(|&n| n <= BATCH as usize)
             .ok_or(XenError::EIO)?;
-        let recs: Vec<DomainInfo> = out
-            .chunks(DomainInfo::SIZE)
-            .take(n)
-            .filter_map(DomainInfo::decode)
-            .collect();
-        let last = recs.last().map(|r| r.domid);
+        let recs: Vec<T> = out.chunks(T::SIZE).take(n).filter_map(T::decode).collect();
+        let last = recs.last().map(domid_of);
         all.extend(recs);
         match last {
             Some(l) if n == BATCH as usize && l < DomId::MAX => first = l + 1,

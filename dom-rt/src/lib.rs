@@ -50,6 +50,13 @@ pub fn start_info() -> Option<&'static StartInfo> {
     START_INFO.get()
 }
 
+/// The value of `key=value` among the command line's whitespace-separated words.
+pub fn cmdline_param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
 /// Stop the domain: `SCHEDOP_shutdown(reason)`; spins if the hypervisor refused.
 pub fn exit(reason: u32) -> ! {
     loop {

@@ -1,65 +1,24 @@
 //! For the xenstore service domain: `domctl XENSTORE_DOMAINS`, the domains it serves and
 //! the port each offered it (needs `XENSTORE_SERVICE`; anyone else gets `EPERM`).
 
-use alloc::vec;
 use alloc::vec::Vec;
 
-use shared_abi::DomId;
 use shared_abi::errno::XenError;
-use shared_abi::hypercall as hc;
-use shared_abi::hypercall_args::Wire;
-use shared_abi::hypercall_args::domctl::{self as dc, DomctlHeader, ListDomains, XenstoreDomain};
-
-use crate::hypercall::call;
-
-/// Most records asked for per call (the hypervisor's own cap).
-pub const BATCH: u32 = 64;
+use shared_abi::hypercall_args::domctl::{self as dc, XenstoreDomain};
 
 /// Every domain but this one, in id order, with its state and offered xenstore port.
 pub fn xenstore_domains() -> Result<Vec<XenstoreDomain>, XenError> {
-    let mut all = Vec::new();
-    let mut first: DomId = 0;
-    loop {
-        let mut out = vec![0u8; BATCH as usize * XenstoreDomain::SIZE];
-        let mut b = [0u8; dc::DOMCTL_LEN];
-        DomctlHeader {
-            cmd: dc::XENSTORE_DOMAINS,
-            interface_version: dc::INTERFACE_VERSION,
-            domain: 0,
-            pad: [0; 3],
-        }
-        .encode(&mut b);
-        ListDomains {
-            first_domain: first,
-            pad: 0,
-            max_domains: BATCH,
-            buffer: out.as_mut_ptr() as u64,
-        }
-        .encode(&mut b[16..]);
-        let n = call(hc::DOMCTL, [b.as_mut_ptr() as u64, 0, 0, 0, 0])?;
-        // The hypervisor never writes more than asked; a larger count is refused, not trusted.
-        let n = usize::try_from(n)
-            .ok()
-            .filter(|&n| n <= BATCH as usize)
-            .ok_or(XenError::EIO)?;
-        let recs: Vec<XenstoreDomain> = out
-            .chunks(XenstoreDomain::SIZE)
-            .take(n)
-            .filter_map(XenstoreDomain::decode)
-            .collect();
-        let last = recs.last().map(|r| r.domid);
-        all.extend(recs);
-        match last {
-            Some(l) if n == BATCH as usize && l < DomId::MAX => first = l + 1,
-            _ => return Ok(all),
-        }
-    }
+    crate::domctl::list_paged(dc::XENSTORE_DOMAINS, |r: &XenstoreDomain| r.domid)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::hypercall::MOCK;
+    use alloc::vec::Vec;
+    use shared_abi::hypercall as hc;
+    use shared_abi::hypercall_args::Wire;
+    use shared_abi::hypercall_args::domctl::{DomctlHeader, ListDomains};
 
     fn fake(nr: u64, a: [u64; 5]) -> i64 {
         if nr != hc::DOMCTL {

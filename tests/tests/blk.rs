@@ -52,6 +52,41 @@ fn boot_qemu(name: &str, xenstore: &str, domains: &[String], qemu: &[&str]) -> B
         .boot()
 }
 
+/// A disk image for the virtio-blk function, holding `bytes`, in the scenario's own folder.
+fn virtio_disk(scenario: &str, bytes: Vec<u8>) -> std::path::PathBuf {
+    let dir = tests::scenario_dir().join(scenario);
+    std::fs::create_dir_all(&dir).expect("scenario dir");
+    let disk = dir.join("disk.raw");
+    std::fs::write(&disk, bytes).expect("writing the disk");
+    disk
+}
+
+/// blkback owning the virtio-blk function (`disk=virtio ...`); `extra` TOML lines follow.
+fn virtio_blkback(cmdline: &str, extra: &str) -> String {
+    format!(
+        "\n[[domain]]\nname = \"blkback\"\ncrate = \"blkback-dom\"\nbinary = \"blkback-domain\"\nmemory_mib = 32\ncmdline = \"disk=virtio {cmdline}\"\ncapabilities = [\"grant_map\", \"device_owner\"]\ndevices = [{{ id = \"1af4:1042\" }}]\n{extra}"
+    )
+}
+
+/// [`boot_qemu`] with `disk` as a virtio-blk function at 00:03.0 behind QEMU's VT-d
+/// (`iommu_platform=on`, which needs `disable-legacy=on`: device id 1af4:1042).
+fn boot_virtio(name: &str, xenstore: &str, domains: &[String], disk: &std::path::Path) -> Boot {
+    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    boot_qemu(
+        name,
+        xenstore,
+        domains,
+        &[
+            "-device",
+            "intel-iommu",
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-pci,drive=d0,addr=03.0,disable-legacy=on,iommu_platform=on",
+        ],
+    )
+}
+
 fn check(b: &Boot) {
     check_tag(b, "ram");
 }
@@ -150,24 +185,15 @@ fn the_control_domain_writes_the_device_entries() {
 /// that) instead of a RAM disk; after QEMU exits the disk image holds what the guest wrote.
 #[test]
 fn guest_on_a_virtio_blk_disk() {
-    let dir = tests::scenario_dir().join("blk-virtio-disk");
-    std::fs::create_dir_all(&dir).expect("scenario dir");
-    let disk = dir.join("disk.raw");
-    std::fs::write(&disk, vec![0u8; 8 << 20]).expect("writing the disk");
-    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
-    let backend = "\n[[domain]]\nname = \"blkback\"\ncrate = \"blkback-dom\"\nbinary = \"blkback-domain\"\nmemory_mib = 32\ncmdline = \"disk=virtio serve=3:51712 exit_when_idle\"\ncapabilities = [\"grant_map\", \"device_owner\"]\ndevices = [{ id = \"1af4:1042\" }]\n";
-    let b = boot_qemu(
+    let disk = virtio_disk("blk-virtio-disk", vec![0u8; 8 << 20]);
+    let b = boot_virtio(
         "blk_virtio",
         XENSTORE,
-        &[backend.to_string(), guest("backend=2 tag=virtio")],
         &[
-            "-device",
-            "intel-iommu",
-            "-drive",
-            &drive,
-            "-device",
-            "virtio-blk-pci,drive=d0,addr=03.0,disable-legacy=on,iommu_platform=on",
+            virtio_blkback("serve=3:51712 exit_when_idle", ""),
+            guest("backend=2 tag=virtio"),
         ],
+        &disk,
     );
     check_tag(&b, "virtio");
     let img = std::fs::read(&disk).expect("reading the disk image");
@@ -190,17 +216,16 @@ fn two_guests_on_two_partitions_of_the_virtio_blk_disk() {
     const FILL: u8 = 0x5a;
     const A: (usize, usize) = (8192 * 512, 16384 * 512);
     const B: (usize, usize) = (24576 * 512, 8192 * 512);
-    let dir = tests::scenario_dir().join("blk-virtio-part");
-    std::fs::create_dir_all(&dir).expect("scenario dir");
-    let disk = dir.join("disk.raw");
     // The guests' models of their disks start zeroed: the windows are zero, the rest FILL.
     let mut bytes = vec![FILL; 20 << 20];
     for (start, len) in [A, B] {
         bytes[start..start + len].fill(0);
     }
-    std::fs::write(&disk, bytes).expect("writing the disk");
-    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
-    let backend = "\n[[domain]]\nname = \"blkback\"\ncrate = \"blkback-dom\"\nbinary = \"blkback-domain\"\nmemory_mib = 32\ncmdline = \"disk=virtio part=3:8192+16384,4:24576+8192 serve=3:51712,4:51712 exit_when_idle\"\ncapabilities = [\"grant_map\", \"device_owner\"]\ndevices = [{ id = \"1af4:1042\" }]\n";
+    let disk = virtio_disk("blk-virtio-part", bytes);
+    let backend = virtio_blkback(
+        "part=3:8192+16384,4:24576+8192 serve=3:51712,4:51712 exit_when_idle",
+        "",
+    );
     // persistent=0: with two frontends each filling a persistent pool with 1 MiB writes the
     // backend's grant mappings fail (a known gap: blkback does not yet bound its pools by
     // what its domain can map), which is not what this scenario is about.
@@ -209,22 +234,15 @@ fn two_guests_on_two_partitions_of_the_virtio_blk_disk() {
             "\n[[domain]]\nname = \"{name}\"\ncrate = \"blk-guest-dom\"\nmemory_mib = 32\ncmdline = \"backend=2 bench=0 persistent=0\"\ncapabilities = []\n"
         )
     };
-    let b = boot_qemu(
+    let b = boot_virtio(
         "blk_virtio_parts",
         XENSTORE,
         &[
-            backend.to_string(),
+            backend,
             guest_named("blk-guest-a"),
             guest_named("blk-guest-b"),
         ],
-        &[
-            "-device",
-            "intel-iommu",
-            "-drive",
-            &drive,
-            "-device",
-            "virtio-blk-pci,drive=d0,addr=03.0,disable-legacy=on,iommu_platform=on",
-        ],
+        &disk,
     );
     b.expect_outcome(Outcome::CleanPoweroff)
         .expect_no_failed_results();
@@ -289,24 +307,15 @@ fn pattern_model(disk: usize) -> Vec<u8> {
 /// that pattern, byte for byte.
 #[test]
 fn the_disk_image_holds_exactly_the_pattern_after_qemu_exits() {
-    let dir = tests::scenario_dir().join("blk-virtio-exact");
-    std::fs::create_dir_all(&dir).expect("scenario dir");
-    let disk = dir.join("disk.raw");
-    std::fs::write(&disk, vec![0u8; 8 << 20]).expect("writing the disk");
-    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
-    let backend = "\n[[domain]]\nname = \"blkback\"\ncrate = \"blkback-dom\"\nbinary = \"blkback-domain\"\nmemory_mib = 32\ncmdline = \"disk=virtio serve=3:51712 exit_when_idle\"\ncapabilities = [\"grant_map\", \"device_owner\"]\ndevices = [{ id = \"1af4:1042\" }]\n";
-    let b = boot_qemu(
+    let disk = virtio_disk("blk-virtio-exact", vec![0u8; 8 << 20]);
+    let b = boot_virtio(
         "blk_virtio_exact",
         XENSTORE,
-        &[backend.to_string(), guest("backend=2 bench=0")],
         &[
-            "-device",
-            "intel-iommu",
-            "-drive",
-            &drive,
-            "-device",
-            "virtio-blk-pci,drive=d0,addr=03.0,disable-legacy=on,iommu_platform=on",
+            virtio_blkback("serve=3:51712 exit_when_idle", ""),
+            guest("backend=2 bench=0"),
         ],
+        &disk,
     );
     b.expect_outcome(Outcome::CleanPoweroff)
         .expect_no_failed_results();
@@ -378,33 +387,22 @@ fn fnv64_words(buf: &[u8]) -> u64 {
 #[test]
 fn a_backend_restart_loses_no_acknowledged_write() {
     const DISK: usize = 16 << 20;
-    let dir = tests::scenario_dir().join("blk-restart");
-    std::fs::create_dir_all(&dir).expect("scenario dir");
-    let disk = dir.join("disk.raw");
-    std::fs::write(&disk, vec![0u8; DISK]).expect("writing the disk");
-    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let disk = virtio_disk("blk-restart", vec![0u8; DISK]);
     let xenstore = XENSTORE.replace("exit_when_alone", "exit_when_alone priv_domid=2");
     let ctl = "\n[[domain]]\nname = \"ctl\"\ncrate = \"ctl-dom\"\nbinary = \"ctl-domain\"\nmemory_mib = 8\ncmdline = \"exit_when_idle disk=blk-guest:blkback:xvda:rw\"\ncapabilities = [\"domain_control\", \"domain_death_events\"]\n";
-    let backend = "\n[[domain]]\nname = \"blkback\"\ncrate = \"blkback-dom\"\nbinary = \"blkback-domain\"\nmemory_mib = 32\ncmdline = \"disk=virtio exit_when_idle\"\ncapabilities = [\"grant_map\", \"device_owner\"]\ndevices = [{ id = \"1af4:1042\" }]\non_crash = \"restart\"\n";
+    let backend = virtio_blkback("exit_when_idle", "on_crash = \"restart\"\n");
     let guest = "\n[[domain]]\nname = \"blk-guest\"\ncrate = \"blk-guest-dom\"\nmemory_mib = 64\ncmdline = \"role=restart\"\ncapabilities = []\n";
     let killer = "\n[[domain]]\nname = \"killer\"\ncrate = \"blk-guest-dom\"\nmemory_mib = 8\ncmdline = \"role=killer target=3 watch=4\"\ncapabilities = [\"remote_shutdown\"]\n";
-    let b = boot_qemu(
+    let b = boot_virtio(
         "blk_restart",
         &xenstore,
         &[
             ctl.to_string(),
-            backend.to_string(),
+            backend,
             guest.to_string(),
             killer.to_string(),
         ],
-        &[
-            "-device",
-            "intel-iommu",
-            "-drive",
-            &drive,
-            "-device",
-            "virtio-blk-pci,drive=d0,addr=03.0,disable-legacy=on,iommu_platform=on",
-        ],
+        &disk,
     );
     b.expect_outcome(Outcome::CleanPoweroff)
         .expect_no_failed_results();

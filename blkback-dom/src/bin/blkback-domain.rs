@@ -253,12 +253,6 @@ mod domain {
     const RING_BLOCKS: u64 = 256;
     const RING_BASE: u64 = GRANT_MAP_END - RING_BLOCKS * RING_BLOCK;
 
-    fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-        cmdline
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-    }
-
     /// Mapping frontend grants by hypercall; the engine copies through the mapped pages.
     struct DomMapper {
         window: MapWindow,
@@ -784,7 +778,7 @@ mod domain {
 
     pub fn main(si: &'static StartInfo) {
         let cmdline = si.cmdline();
-        let mib: u64 = param(cmdline, "ramdisk_mib")
+        let mib: u64 = dom_rt::cmdline_param(cmdline, "ramdisk_mib")
             .and_then(|v| v.parse().ok())
             .filter(|&m| (1..=4096).contains(&m))
             .unwrap_or(8);
@@ -805,7 +799,7 @@ mod domain {
         let xs_port = si.xenstore_evtchn;
         let mut xb: Bus = Xenbus::new(RingTransport::new(ring, EvtchnSignal::new(xs_port)));
         let me = si.domid;
-        if let Some(list) = param(cmdline, "serve") {
+        if let Some(list) = dom_rt::cmdline_param(cmdline, "serve") {
             for item in list.split(',') {
                 let parsed = item
                     .split_once(':')
@@ -820,7 +814,7 @@ mod domain {
                 }
             }
         }
-        let parts = match param(cmdline, "part").map(parse_parts) {
+        let parts = match dom_rt::cmdline_param(cmdline, "part").map(parse_parts) {
             None => Vec::new(),
             Some(Ok(p)) => p,
             Some(Err(e)) => {
@@ -828,7 +822,7 @@ mod domain {
                 return;
             }
         };
-        let virtio = if param(cmdline, "disk") == Some("virtio") {
+        let virtio = if dom_rt::cmdline_param(cmdline, "disk") == Some("virtio") {
             match VirtioDisk::open() {
                 Ok(v) => {
                     println!(

@@ -88,28 +88,7 @@ mod domain {
         Ok(out)
     }
 
-    type Bus = dom_rt::xenbus::Xenbus<
-        dom_rt::xenbus::RingTransport<
-            shared_abi::ring::SharedRingMem,
-            dom_rt::xenbus::EvtchnSignal,
-        >,
-    >;
-
-    fn connect_xs(si: &StartInfo) -> Option<Bus> {
-        use dom_rt::xenbus::{ClientRing, EvtchnSignal, RingTransport, Xenbus};
-        if si.xenstore_evtchn == 0 {
-            return None;
-        }
-        // SAFETY: the hypervisor maps this domain's xenstore ring page RW at
-        // XENSTORE_RING_VA for its whole life; it is touched only through SharedRingMem.
-        let ring =
-            unsafe { dom_rt::gnttab::ring_mem(shared_abi::start_info::XENSTORE_RING_VA) }.ok()?;
-        let ring = ClientRing::new(ring).ok()?;
-        Some(Xenbus::new(RingTransport::new(
-            ring,
-            EvtchnSignal::new(si.xenstore_evtchn),
-        )))
-    }
+    type Bus = dom_rt::xenbus::DomainBus;
 
     /// Boot step of a toolstack: write the xenstore device entries of the disks declared on
     /// the command line (`disk=<frontend>:<backend>:<xvd…>:<r|rw>`, boot domain names), so
@@ -275,7 +254,7 @@ mod domain {
         let mut xb = if disks.is_empty() {
             None
         } else {
-            let xb = connect_xs(si);
+            let xb = dom_rt::xenbus::connect_own_store(si);
             if xb.is_none() {
                 println!("ctl: no xenstore connection: no disks written");
             }

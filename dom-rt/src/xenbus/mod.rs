@@ -30,6 +30,28 @@ use shared_abi::xenstore::{self, MessageDecoder, MsgType, PAYLOAD_MAX};
 
 pub use ring::{ClientRing, RingFault, RingPage};
 
+/// A domain's own connection to xenstore: the ring page the hypervisor maps at
+/// `XENSTORE_RING_VA` and the port in its start info (bare metal).
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+pub type DomainBus = Xenbus<RingTransport<shared_abi::ring::SharedRingMem, EvtchnSignal>>;
+
+/// Connect to xenstore over this domain's own ring (`None` without a xenstore port or if the
+/// ring page is not usable).
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+pub fn connect_own_store(si: &shared_abi::start_info::StartInfo) -> Option<DomainBus> {
+    if si.xenstore_evtchn == 0 {
+        return None;
+    }
+    // SAFETY: the hypervisor maps this domain's xenstore ring page RW at XENSTORE_RING_VA for
+    // its whole life; it is touched only through SharedRingMem.
+    let ring = unsafe { crate::gnttab::ring_mem(shared_abi::start_info::XENSTORE_RING_VA) }.ok()?;
+    let ring = ClientRing::new(ring).ok()?;
+    Some(Xenbus::new(RingTransport::new(
+        ring,
+        EvtchnSignal::new(si.xenstore_evtchn),
+    )))
+}
+
 /// A byte pipe to the xenstore server.
 pub trait Transport {
     /// Send some of `data`; how many bytes were taken (0: no room yet).

@@ -20,46 +20,25 @@ use alloc::vec::Vec;
 
 use dom_rt::blkfront::domain::{DomPage, DomainEvents, DomainGrants};
 use dom_rt::blkfront::{Events, Grants};
-use dom_rt::xenbus::{ClientRing, EvtchnSignal, RingTransport, TRANSACTION_TRIES, Tx, Xenbus};
-use dom_rt::{StartInfo, XenError, gnttab, println, time};
+use dom_rt::xenbus::{TRANSACTION_TRIES, Tx};
+use dom_rt::{StartInfo, XenError, println, time};
 use shared_abi::DomId;
 use shared_abi::blkif::{
     BlkifRequest, BlkifRequestIndirect, BlkifRequestSegment, BlkifRequestSlot, BlkifResponse,
     DirectSegments, IndirectGrefs, op, rsp,
 };
 use shared_abi::event_channel::EvtchnPort;
-use shared_abi::ring::{FrontRing, SharedRingMem, header};
-use shared_abi::start_info::XENSTORE_RING_VA;
+use shared_abi::ring::{FrontRing, header};
 
-type Bus = Xenbus<RingTransport<SharedRingMem, EvtchnSignal>>;
+type Bus = dom_rt::xenbus::DomainBus;
 type Ring = FrontRing<BlkifRequestSlot, BlkifResponse>;
 
 const DEVID: u32 = 51712;
 const MS: u64 = 1_000_000;
 
-fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    cmdline
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-}
-
 fn result(name: &str, ok: bool, details: impl core::fmt::Display) {
     let v = if ok { "pass" } else { "fail" };
     println!("RESULT blk_hostile_{name} {v} {details}");
-}
-
-fn connect_xs(si: &StartInfo) -> Option<Bus> {
-    if si.xenstore_evtchn == 0 {
-        return None;
-    }
-    // SAFETY: the hypervisor maps this domain's xenstore ring page RW at XENSTORE_RING_VA for
-    // its whole life; it is touched only through SharedRingMem.
-    let ring = unsafe { gnttab::ring_mem(XENSTORE_RING_VA) }.ok()?;
-    let ring = ClientRing::new(ring).ok()?;
-    Some(Xenbus::new(RingTransport::new(
-        ring,
-        EvtchnSignal::new(si.xenstore_evtchn),
-    )))
 }
 
 /// Wait up to `ms` for `path` to read one of `want`; the last value read.
@@ -237,11 +216,13 @@ impl Conn {
 
 pub fn main(si: &'static StartInfo) {
     let cmdline = si.cmdline();
-    let Some(backend) = param(cmdline, "backend").and_then(|b| b.parse::<DomId>().ok()) else {
+    let Some(backend) =
+        dom_rt::cmdline_param(cmdline, "backend").and_then(|b| b.parse::<DomId>().ok())
+    else {
         result("connect", false, "role=hostile needs backend=<domid>");
         return;
     };
-    let Some(mut xb) = connect_xs(si) else {
+    let Some(mut xb) = dom_rt::xenbus::connect_own_store(si) else {
         result("connect", false, "no xenstore connection");
         return;
     };

@@ -40,41 +40,19 @@ mod guest {
 
     use dom_rt::blkfront::domain::{DomainEvents, DomainGrants, XenbusStore};
     use dom_rt::blkfront::{BlkError, Blkfront, BlockDevice, FrontConfig};
-    use dom_rt::xenbus::{ClientRing, EvtchnSignal, RingTransport, Tx, Xenbus};
-    use dom_rt::{StartInfo, XenError, gnttab, println, time};
+    use dom_rt::xenbus::Tx;
+    use dom_rt::{StartInfo, XenError, println, time};
     use shared_abi::DomId;
-    use shared_abi::ring::SharedRingMem;
-    use shared_abi::start_info::XENSTORE_RING_VA;
 
-    type Bus = Xenbus<RingTransport<SharedRingMem, EvtchnSignal>>;
+    type Bus = dom_rt::xenbus::DomainBus;
     type Front = Blkfront<DomainGrants, DomainEvents>;
 
     const DEVID: u32 = 51712;
     const BENCH_NS: u64 = 500_000_000;
 
-    fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-        cmdline
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-    }
-
     fn result(name: &str, ok: bool, details: impl Display) {
         let v = if ok { "pass" } else { "fail" };
         println!("RESULT {name} {v} {details}");
-    }
-
-    fn connect_xs(si: &StartInfo) -> Option<Bus> {
-        if si.xenstore_evtchn == 0 {
-            return None;
-        }
-        // SAFETY: the hypervisor maps this domain's xenstore ring page RW at
-        // XENSTORE_RING_VA for its whole life; it is touched only through SharedRingMem.
-        let ring = unsafe { gnttab::ring_mem(XENSTORE_RING_VA) }.ok()?;
-        let ring = ClientRing::new(ring).ok()?;
-        Some(Xenbus::new(RingTransport::new(
-            ring,
-            EvtchnSignal::new(si.xenstore_evtchn),
-        )))
     }
 
     /// Self-layout: the frontend directory a toolstack would write, readable by `backend`.
@@ -135,11 +113,11 @@ mod guest {
         Err(format!("no device under {base}: {last:?};{seen}"))
     }
 
-    /// xorshift64*.
-    struct Rng(u64);
+    /// xorshift64* (the pattern's generator; `restart` draws from it too).
+    pub(crate) struct Rng(pub(crate) u64);
 
     impl Rng {
-        fn next(&mut self) -> u64 {
+        pub(crate) fn next(&mut self) -> u64 {
             self.0 ^= self.0 >> 12;
             self.0 ^= self.0 << 25;
             self.0 ^= self.0 >> 27;
@@ -147,7 +125,7 @@ mod guest {
         }
     }
 
-    fn fill(buf: &mut [u8], seed: u64) {
+    pub(crate) fn fill(buf: &mut [u8], seed: u64) {
         let mut r = Rng(seed | 1);
         for c in buf.chunks_mut(8) {
             let v = r.next().to_le_bytes();
@@ -281,23 +259,24 @@ mod guest {
 
     pub fn main(si: &'static StartInfo) {
         let cmdline = si.cmdline();
-        if param(cmdline, "role") == Some("hostile") {
+        if dom_rt::cmdline_param(cmdline, "role") == Some("hostile") {
             return crate::hostile::main(si);
         }
-        let Some(mut xb) = connect_xs(si) else {
+        let Some(mut xb) = dom_rt::xenbus::connect_own_store(si) else {
             result("blk_connect", false, "no xenstore connection");
             return;
         };
         let me = si.domid;
-        if param(cmdline, "role") == Some("killer") {
+        if dom_rt::cmdline_param(cmdline, "role") == Some("killer") {
             crate::restart::killer(&mut xb, cmdline);
             return;
         }
-        let dir = match param(cmdline, "backend").and_then(|b| b.parse::<DomId>().ok()) {
-            Some(b) => write_frontend_dir(&mut xb, me, b)
-                .map_err(|e| format!("writing the frontend dir: {e:?}")),
-            None => find_device(&mut xb, me),
-        };
+        let dir =
+            match dom_rt::cmdline_param(cmdline, "backend").and_then(|b| b.parse::<DomId>().ok()) {
+                Some(b) => write_frontend_dir(&mut xb, me, b)
+                    .map_err(|e| format!("writing the frontend dir: {e:?}")),
+                None => find_device(&mut xb, me),
+            };
         let dir = match dir {
             Ok(d) => d,
             Err(e) => {
@@ -306,14 +285,14 @@ mod guest {
             }
         };
         let mut cfg = FrontConfig::new(&dir);
-        cfg.max_queues = param(cmdline, "queues")
+        cfg.max_queues = dom_rt::cmdline_param(cmdline, "queues")
             .and_then(|v| v.parse().ok())
             .unwrap_or(1);
-        cfg.ring_page_order = param(cmdline, "order")
+        cfg.ring_page_order = dom_rt::cmdline_param(cmdline, "order")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        cfg.persistent = param(cmdline, "persistent") != Some("0");
-        if param(cmdline, "indirect") == Some("0") {
+        cfg.persistent = dom_rt::cmdline_param(cmdline, "persistent") != Some("0");
+        if dom_rt::cmdline_param(cmdline, "indirect") == Some("0") {
             cfg.max_indirect_segments = 0;
         }
         cfg.wait_rounds = 20_000;
@@ -344,7 +323,7 @@ mod guest {
                 i.flush
             ),
         );
-        if param(cmdline, "role") == Some("restart") {
+        if dom_rt::cmdline_param(cmdline, "role") == Some("restart") {
             crate::restart::run(&mut xb, me, &mut f, &cfg);
         } else {
             match pattern(&mut f) {
@@ -352,8 +331,8 @@ mod guest {
                 Err(e) => result("blk_pattern", false, e),
             }
             // `bench=0`: leave the disk holding exactly the pattern (a host-side check).
-            if param(cmdline, "bench") != Some("0") {
-                let tag = param(cmdline, "tag").unwrap_or("ram");
+            if dom_rt::cmdline_param(cmdline, "bench") != Some("0") {
+                let tag = dom_rt::cmdline_param(cmdline, "tag").unwrap_or("ram");
                 bench(&mut f, tag);
             }
         }

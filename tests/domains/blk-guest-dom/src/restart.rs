@@ -35,6 +35,8 @@ use dom_rt::xenbus::{Transport, Tx};
 use dom_rt::{hypercall, println, time};
 use shared_abi::DomId;
 
+use crate::guest::{Rng, fill};
+
 type Front = Blkfront<DomainGrants, DomainEvents>;
 
 pub const SEED: u64 = 0x0B10_C4E5_7A47;
@@ -48,26 +50,6 @@ const STALL_NS: u64 = 20_000_000;
 const MARK: u64 = 200;
 /// Give up waiting for a restart after this long.
 const MAX_NS: u64 = 90_000_000_000;
-
-/// xorshift64* (as blk-guest-dom's pattern).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
-fn fill(buf: &mut [u8], seed: u64) {
-    let mut r = Rng(seed | 1);
-    for c in buf.chunks_mut(8) {
-        let v = r.next().to_le_bytes();
-        c.copy_from_slice(&v[..c.len()]);
-    }
-}
 
 fn seed_of(i: u64) -> u64 {
     SEED.wrapping_add(i).wrapping_mul(0x9E37_79B9_7F4A_7C15)
