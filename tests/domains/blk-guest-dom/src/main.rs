@@ -82,7 +82,7 @@ mod guest {
     /// to 10 s).
     fn find_device(xb: &mut Bus, me: DomId) -> Result<String, String> {
         let base = format!("/local/domain/{me}/device/vbd");
-        let end = time::now_ns() + 10_000_000_000;
+        let end = time::now_ns() + 60_000_000_000;
         let mut last = Err(XenError::ENOENT);
         while time::now_ns() < end {
             last = xb.directory(Tx::NONE, &base);
