@@ -18,6 +18,15 @@
 //! queue also bounds the data bytes in flight; a request that would exceed the bound waits
 //! (parked, already checked) until completions make room, but one request is always allowed.
 //!
+//! **Mapping quota.** Every grant mapping counts against the backend domain's maptrack quota,
+//! which all its frontends share. A map refused for want of space (`GNTST_no_space`) is not the
+//! frontend's fault and never costs it its request: the device first gives up its idle
+//! persistent mappings and retries; if the quota is still used up the request waits (parked,
+//! [`QueuePass::stalled`]) and is retried on the next pass, after completions (here or on
+//! another device of the domain) have given mappings back. The domain keeps persistent pools
+//! within a budget below the quota ([`Vbd::set_persistent_limit`]), so a request always fits
+//! once nothing else is in flight.
+//!
 //! **Blame.** A bad request costs the frontend that request. A frontend that corrupts its
 //! ring's producer index has broken the protocol: the whole device is disconnected
 //! ([`Disconnect::RingCorrupted`]), every mapping it held is unmapped, completions still
@@ -56,6 +65,21 @@ pub const MAX_QUEUES: usize = 16;
 pub const DEFAULT_MAX_PERSISTENT_GRANTS: usize = 1056;
 /// Linux blkback's advertised `feature-max-indirect-segments`.
 pub const DEFAULT_MAX_INDIRECT_SEGMENTS: usize = 256;
+
+/// The share of a domain's persistent-grant budget each connected queue may keep: the
+/// budget divided evenly (a frontend's legitimate pool then never starves another's I/O).
+/// Linux blkback keeps up to 1056 per ring; with a maptrack quota of 1024 for the whole
+/// domain the budget has to be shared.
+pub fn persistent_share(budget: usize, connected_queues: usize) -> usize {
+    budget.checked_div(connected_queues).unwrap_or(budget)
+}
+
+/// The persistent-grant budget for a domain with `maptrack_quota` mappings: half of it, so
+/// that the other half is left for per-request mappings (one maximal indirect request needs
+/// 256 segment pages and an indirect page).
+pub fn persistent_budget(maptrack_quota: usize) -> usize {
+    maptrack_quota / 2
+}
 
 /// The event-channel seam: tell the frontend that queue `queue` has new responses.
 pub trait Notify {
@@ -177,6 +201,10 @@ pub struct VbdStats {
     pub grants_mapped: u64,
     /// Requests that had to wait (barrier drain or in-flight bound).
     pub parked: u64,
+    /// Times a request waited because the domain's mapping quota was used up.
+    pub map_waits: u64,
+    /// Persistent mappings given up (limit lowered, or map pressure).
+    pub persistent_evictions: u64,
     /// Completions dropped because their device was disconnected.
     pub stale_completions: u64,
 }
@@ -219,12 +247,35 @@ struct InFlight {
     drain: bool,
 }
 
+/// A request taken off the ring and waiting.
+enum Parked {
+    /// Checked, waiting for room, a drain, or mapping quota.
+    Plan(Plan),
+    /// An indirect request whose segment pages could not be mapped yet (quota).
+    Slot(BlkifRequestSlot),
+}
+
+/// Why grants could not be mapped.
+enum MapFailure {
+    /// The frontend's doing (bad ref, permissions): the request is refused.
+    Fault(Fault),
+    /// The domain's mapping quota is used up: the request waits.
+    NoSpace,
+}
+
+/// What checking a request came to.
+enum Prepared {
+    Ready(Plan),
+    Rejected(Rejection),
+    NoSpace,
+}
+
 struct Queue {
     ring: BackRing<BlkifRequestSlot, BlkifResponse>,
     inflight: u32,
     inflight_bytes: usize,
-    /// A checked request waiting for room or for a drain.
-    parked: Option<Plan>,
+    /// A request waiting for room, a drain or mapping quota.
+    parked: Option<Parked>,
     /// A barrier is on the device: start nothing else.
     draining: bool,
     persistent: PersistentGrants,
@@ -359,6 +410,43 @@ impl<D: BlockIo> Vbd<D> {
         self.queues.get(queue).map_or(0, |q| q.persistent.len())
     }
 
+    /// Persistent mappings kept by all queues.
+    pub fn persistent_total(&self) -> usize {
+        self.queues.iter().map(|q| q.persistent.len()).sum()
+    }
+
+    /// Set each queue's persistent-pool limit (the domain's budget divided among the
+    /// connected queues), unmapping idle mappings over it now; busy ones go when released.
+    /// Never above the negotiated [`VbdConfig::max_persistent_grants`].
+    pub fn set_persistent_limit<G: GrantMapper>(&mut self, per_queue: usize, grants: &mut G) {
+        if !self.cfg.persistent || self.stopped.is_some() {
+            return;
+        }
+        let limit = per_queue.min(self.cfg.max_persistent_grants);
+        let mut gone = Vec::new();
+        for q in &mut self.queues {
+            gone.extend(q.persistent.set_max(limit));
+        }
+        self.unmap_evicted(&gone, grants);
+    }
+
+    fn unmap_evicted<G: GrantMapper>(&mut self, gone: &[Mapping], grants: &mut G) {
+        if !gone.is_empty() {
+            self.stats.persistent_evictions += gone.len() as u64;
+            grants.unmap(gone);
+        }
+    }
+
+    /// Give up every idle persistent mapping of every queue (map pressure). True if any went.
+    fn evict_idle<G: GrantMapper>(&mut self, grants: &mut G) -> bool {
+        let mut gone = Vec::new();
+        for q in &mut self.queues {
+            gone.extend(q.persistent.evict_idle());
+        }
+        self.unmap_evicted(&gone, grants);
+        !gone.is_empty()
+    }
+
     /// Why the device stopped, if it did.
     pub fn stopped(&self) -> Option<Disconnect> {
         self.stopped
@@ -389,14 +477,26 @@ impl<D: BlockIo> Vbd<D> {
             return Ok(pass);
         }
         loop {
-            if let Some(plan) = self.queues[queue].parked.take() {
-                if self.must_wait(queue, &plan) {
-                    self.queues[queue].parked = Some(plan);
-                    pass.stalled = true;
-                    break;
+            match self.queues[queue].parked.take() {
+                Some(Parked::Plan(plan)) => {
+                    if self.must_wait(queue, &plan) {
+                        self.queues[queue].parked = Some(Parked::Plan(plan));
+                        pass.stalled = true;
+                        break;
+                    }
+                    if !self.dispatch(queue, plan, grants) {
+                        pass.stalled = true;
+                        break;
+                    }
+                    continue;
                 }
-                self.dispatch(queue, plan, grants);
-                continue;
+                Some(Parked::Slot(slot)) => {
+                    if !self.take_prepared(queue, slot, grants, &mut pass) {
+                        break;
+                    }
+                    continue;
+                }
+                None => {}
             }
             if self.queues[queue].draining {
                 pass.stalled = true;
@@ -418,23 +518,48 @@ impl<D: BlockIo> Vbd<D> {
             };
             pass.consumed += 1;
             self.stats.requests += 1;
-            match self.prepare(queue, &slot, grants) {
-                Err(rej) => {
-                    pass.rejected += 1;
-                    self.reject(queue, rej);
-                }
-                Ok(plan) => {
-                    if self.must_wait(queue, &plan) {
-                        self.stats.parked += 1;
-                        self.queues[queue].parked = Some(plan);
-                    } else {
-                        self.dispatch(queue, plan, grants);
-                    }
-                }
+            if !self.take_prepared(queue, slot, grants, &mut pass) {
+                break;
             }
         }
         self.publish(queue, notify);
         Ok(pass)
+    }
+
+    /// Check a consumed request and refuse, park or dispatch it. False when it waits for
+    /// mapping quota (the pass should stop).
+    fn take_prepared<G: GrantMapper>(
+        &mut self,
+        queue: usize,
+        slot: BlkifRequestSlot,
+        grants: &mut G,
+        pass: &mut QueuePass,
+    ) -> bool {
+        match self.prepare(queue, &slot, grants) {
+            Prepared::Rejected(rej) => {
+                pass.rejected += 1;
+                self.reject(queue, rej);
+                true
+            }
+            Prepared::NoSpace => {
+                self.stats.map_waits += 1;
+                self.queues[queue].parked = Some(Parked::Slot(slot));
+                pass.stalled = true;
+                false
+            }
+            Prepared::Ready(plan) => {
+                if self.must_wait(queue, &plan) {
+                    self.stats.parked += 1;
+                    self.queues[queue].parked = Some(Parked::Plan(plan));
+                    true
+                } else if self.dispatch(queue, plan, grants) {
+                    true
+                } else {
+                    pass.stalled = true;
+                    false
+                }
+            }
+        }
     }
 
     /// Collect every finished device operation and answer its request. Returns the number
@@ -568,26 +693,33 @@ impl<D: BlockIo> Vbd<D> {
         queue: usize,
         slot: &BlkifRequestSlot,
         grants: &mut G,
-    ) -> Result<Plan, Rejection> {
+    ) -> Prepared {
         let kind = slot.parse();
-        match check_request(&kind, &self.limits)? {
-            Checked::Ready(plan) => Ok(plan),
-            Checked::NeedIndirect(h) => {
-                let rsp_op = kind.response_operation();
-                let reject = |fault| Rejection {
-                    id: h.id,
-                    rsp_op,
-                    fault,
-                };
-                let segs = self.read_indirect(queue, &h, grants).map_err(reject)?;
-                let action =
-                    check_segments(h.write, h.sector, &segs, &self.limits).map_err(reject)?;
-                Ok(Plan {
-                    id: h.id,
-                    rsp_op,
-                    action,
-                })
-            }
+        let h = match check_request(&kind, &self.limits) {
+            Err(rej) => return Prepared::Rejected(rej),
+            Ok(Checked::Ready(plan)) => return Prepared::Ready(plan),
+            Ok(Checked::NeedIndirect(h)) => h,
+        };
+        let rsp_op = kind.response_operation();
+        let reject = |fault| {
+            Prepared::Rejected(Rejection {
+                id: h.id,
+                rsp_op,
+                fault,
+            })
+        };
+        let segs = match self.read_indirect(queue, &h, grants) {
+            Ok(segs) => segs,
+            Err(MapFailure::NoSpace) => return Prepared::NoSpace,
+            Err(MapFailure::Fault(f)) => return reject(f),
+        };
+        match check_segments(h.write, h.sector, &segs, &self.limits) {
+            Ok(action) => Prepared::Ready(Plan {
+                id: h.id,
+                rsp_op,
+                action,
+            }),
+            Err(f) => reject(f),
         }
     }
 
@@ -596,7 +728,7 @@ impl<D: BlockIo> Vbd<D> {
         queue: usize,
         h: &IndirectHeader,
         grants: &mut G,
-    ) -> Result<Vec<BlkifRequestSegment>, Fault> {
+    ) -> Result<Vec<BlkifRequestSegment>, MapFailure> {
         let refs: Vec<(GrantRef, bool)> = h.pages.iter().map(|&g| (g, false)).collect();
         let held = self.acquire(queue, &refs, grants)?;
         let mut segs = Vec::with_capacity(h.nr_segments);
@@ -607,10 +739,10 @@ impl<D: BlockIo> Vbd<D> {
                 .min(BLKIF_SEGS_PER_INDIRECT_FRAME);
             let bytes = &mut page[..n * BlkifRequestSegment::WIRE_SIZE];
             if let Err(status) = grants.read(&hold.mapping, 0, bytes) {
-                result = Err(Fault::GrantMap {
+                result = Err(MapFailure::Fault(Fault::GrantMap {
                     gref: hold.mapping.gref,
                     status,
-                });
+                }));
                 break;
             }
             segs.extend(
@@ -635,8 +767,36 @@ impl<D: BlockIo> Vbd<D> {
     }
 
     /// Map the grants of `refs` (ref, needs write access), through the persistent pool when
-    /// negotiated. On failure nothing stays mapped.
+    /// negotiated. On failure nothing stays mapped. Out of mapping quota, idle persistent
+    /// mappings are given up and the map tried once more.
     fn acquire<G: GrantMapper>(
+        &mut self,
+        queue: usize,
+        refs: &[(GrantRef, bool)],
+        grants: &mut G,
+    ) -> Result<Vec<Held>, MapFailure> {
+        // The backend's own limits (maptrack quota, its mapping window): not the frontend's
+        // fault.
+        let out_of_space = |r: &Result<Vec<Held>, Fault>| {
+            matches!(
+                r,
+                Err(Fault::GrantMap {
+                    status: GntStatus::NoSpace | GntStatus::NoDeviceSpace,
+                    ..
+                })
+            )
+        };
+        let mut r = self.try_acquire(queue, refs, grants);
+        if out_of_space(&r) && self.evict_idle(grants) {
+            r = self.try_acquire(queue, refs, grants);
+        }
+        if out_of_space(&r) {
+            return Err(MapFailure::NoSpace);
+        }
+        r.map_err(MapFailure::Fault)
+    }
+
+    fn try_acquire<G: GrantMapper>(
         &mut self,
         queue: usize,
         refs: &[(GrantRef, bool)],
@@ -747,8 +907,14 @@ impl<D: BlockIo> Vbd<D> {
         let mut unmap: Vec<Mapping> = Vec::new();
         for h in held {
             if h.persistent {
-                if let Some(q) = self.queues.get_mut(queue) {
-                    q.persistent.put(h.mapping.gref);
+                // Over a lowered limit, the last user's release gives the mapping up.
+                if let Some(gone) = self
+                    .queues
+                    .get_mut(queue)
+                    .and_then(|q| q.persistent.put(h.mapping.gref))
+                {
+                    self.stats.persistent_evictions += 1;
+                    unmap.push(gone);
                 }
             } else {
                 unmap.push(h.mapping);
@@ -759,8 +925,43 @@ impl<D: BlockIo> Vbd<D> {
         }
     }
 
-    /// Map, copy and submit a checked request.
-    fn dispatch<G: GrantMapper>(&mut self, queue: usize, plan: Plan, grants: &mut G) {
+    /// Map, copy and submit a checked request (or refuse it). False if it waits for mapping
+    /// quota: it is parked again, untouched.
+    fn dispatch<G: GrantMapper>(&mut self, queue: usize, plan: Plan, grants: &mut G) -> bool {
+        let refs: Vec<(GrantRef, bool)> = match &plan.action {
+            Action::Read { segs, .. } => segs.iter().map(|s| (s.gref, true)).collect(),
+            Action::Write { segs, .. } => segs.iter().map(|s| (s.gref, false)).collect(),
+            _ => Vec::new(),
+        };
+        let pages = if refs.is_empty() {
+            Vec::new()
+        } else {
+            match self.acquire(queue, &refs, grants) {
+                Ok(h) => h,
+                Err(MapFailure::NoSpace) => {
+                    self.stats.map_waits += 1;
+                    self.queues[queue].parked = Some(Parked::Plan(plan));
+                    return false;
+                }
+                Err(MapFailure::Fault(fault)) => {
+                    let (id, rsp_op) = (plan.id, plan.rsp_op);
+                    self.reject(queue, Rejection { id, rsp_op, fault });
+                    return true;
+                }
+            }
+        };
+        self.submit(queue, plan, pages, grants);
+        true
+    }
+
+    /// Copy a write's data out, set up a read's scatter, and put the request on the device.
+    fn submit<G: GrantMapper>(
+        &mut self,
+        queue: usize,
+        plan: Plan,
+        pages: Vec<Held>,
+        grants: &mut G,
+    ) {
         let Plan { id, rsp_op, action } = plan;
         let drain = matches!(
             action,
@@ -785,11 +986,7 @@ impl<D: BlockIo> Vbd<D> {
                 segs,
                 bytes: n,
             } => {
-                let refs: Vec<(GrantRef, bool)> = segs.iter().map(|s| (s.gref, true)).collect();
-                held = match self.acquire(queue, &refs, grants) {
-                    Ok(h) => h,
-                    Err(fault) => return self.reject(queue, Rejection { id, rsp_op, fault }),
-                };
+                held = pages;
                 scatter = segs
                     .iter()
                     .enumerate()
@@ -809,11 +1006,6 @@ impl<D: BlockIo> Vbd<D> {
                 fua,
                 ..
             } => {
-                let refs: Vec<(GrantRef, bool)> = segs.iter().map(|s| (s.gref, false)).collect();
-                let pages = match self.acquire(queue, &refs, grants) {
-                    Ok(h) => h,
-                    Err(fault) => return self.reject(queue, Rejection { id, rsp_op, fault }),
-                };
                 let mut data = vec![0u8; n];
                 let mut pos = 0;
                 let mut copy_fault = None;

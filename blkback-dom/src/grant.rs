@@ -62,11 +62,16 @@ struct FakePage {
 /// hypervisor checks: the ref must be granted by `domid` (`GNTST_bad_gntref`), a writable
 /// mapping needs a writable grant (`GNTST_permission_denied`). Access through a mapping goes
 /// straight to the frontend's page, as a real mapping does; offset + length must stay in the
-/// page (`GNTST_bad_copy_arg`), writes need a writable mapping.
+/// page (`GNTST_bad_copy_arg`), writes need a writable mapping, and with a quota set
+/// ([`FakeGrantMemory::set_quota`], the backend's maptrack quota) a map beyond it fails with
+/// `GNTST_no_space`.
 pub struct FakeGrantMemory {
     pages: BTreeMap<(DomId, GrantRef), FakePage>,
     live: BTreeMap<u64, (DomId, GrantRef, bool)>,
     next_token: u64,
+    quota: Option<usize>,
+    /// Maps refused for the quota.
+    pub no_space: u64,
     /// Map batches issued (hypercalls).
     pub map_batches: u64,
     /// Grants mapped successfully so far.
@@ -96,6 +101,8 @@ impl FakeGrantMemory {
             pages: BTreeMap::new(),
             live: BTreeMap::new(),
             next_token: 1,
+            quota: None,
+            no_space: 0,
             map_batches: 0,
             maps: 0,
             unmaps: 0,
@@ -142,6 +149,11 @@ impl FakeGrantMemory {
         self.pages.get_mut(&(domid, gref)).map(|p| &mut *p.data)
     }
 
+    /// Refuse maps once `quota` mappings are live (as the hypervisor's maptrack quota does).
+    pub fn set_quota(&mut self, quota: usize) {
+        self.quota = Some(quota);
+    }
+
     /// Mappings currently live (all domains).
     pub fn live_mappings(&self) -> usize {
         self.live.len()
@@ -177,8 +189,13 @@ impl GrantMapper for FakeGrantMemory {
         self.map_batches += 1;
         out.clear();
         for r in reqs {
+            let full = self.quota.is_some_and(|q| self.live.len() >= q);
             let res = match self.pages.get_mut(&(domid, r.gref)) {
                 None => Err(GntStatus::BadGntref),
+                Some(_) if full => {
+                    self.no_space += 1;
+                    Err(GntStatus::NoSpace)
+                }
                 Some(p) if r.writable && p.readonly => Err(GntStatus::PermissionDenied),
                 Some(p) => {
                     p.mapped += 1;

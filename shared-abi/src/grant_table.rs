@@ -17,6 +17,9 @@ pub type GrantHandle = u32;
 /// Grant references reserved for the toolstack (`GNTTAB_NR_RESERVED_ENTRIES`); guests
 /// allocate from 8 upwards.
 pub const NR_RESERVED_ENTRIES: u32 = 8;
+/// Grant mappings one Bulkhead domain may hold at once (its maptrack quota); a map beyond it
+/// fails with `GNTST_no_space`. Backends divide it among their frontends.
+pub const DEFAULT_MAPTRACK_QUOTA: u32 = 1024;
 /// Reserved ref: the console ring page.
 pub const RESERVED_CONSOLE: GrantRef = 0;
 /// Reserved ref: the xenstore ring page.

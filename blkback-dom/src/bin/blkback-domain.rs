@@ -27,6 +27,11 @@
 //! systems that must end). A frontend that corrupts its ring is disconnected (the engine's
 //! `RingCorrupted`); other devices go on.
 //!
+//! Every grant mapping counts against this domain's maptrack quota (`maptrack=`, default
+//! the hypervisor's 1024): half of it is the persistent-grant budget, divided evenly among
+//! the connected queues and re-divided at every connect and disconnect; a request that finds
+//! the quota used up waits for completions instead of failing (see the engine).
+//!
 //! On the host this binary is a stub.
 #![cfg_attr(all(target_arch = "x86_64", target_os = "none"), no_std, no_main)]
 
@@ -50,7 +55,7 @@ mod domain {
     use blkback_dom::device::{
         BlockDevice, DeviceError, DeviceInfo, Partition, RamDisk, SyncIo, check_range,
     };
-    use blkback_dom::engine::{Notify, Vbd};
+    use blkback_dom::engine::{Notify, Vbd, persistent_budget, persistent_share};
     use blkback_dom::grant::{GrantMapper, MapRequest, Mapping};
     use blkback_dom::xenbus::{Action, BackendOffer, BlkbackXenbus, Connection};
     use dom_rt::blkfront::domain::XenbusStore;
@@ -381,6 +386,8 @@ mod domain {
         probed: u64,
         /// `disk=virtio`: the virtio-blk disk.
         virtio: Option<Rc<RefCell<VirtioDisk>>>,
+        /// Persistent mappings all devices together may keep (within the maptrack quota).
+        persistent_budget: usize,
         /// `part=`: the frontends served from windows of it; without, the first frontend
         /// to probe gets the whole disk (`whole_owner`) and the others RAM disks.
         parts: Vec<PartSpec>,
@@ -613,6 +620,7 @@ mod domain {
             for p in ports {
                 let _ = evtchn::close(p);
             }
+            self.rebalance();
         }
 
         /// Hand frontend state changes to the xenbus logic.
@@ -656,6 +664,7 @@ mod domain {
                                 Ok(()) => {
                                     dev.ever_connected = true;
                                     self.connections += 1;
+                                    self.rebalance();
                                     println!(
                                         "blkback: {dir}: connected: {} queue(s), ring order {}, persistent {}, {} sectors",
                                         nq, conn.ring_page_order, conn.persistent, adv.sectors
@@ -719,6 +728,27 @@ mod domain {
             }
         }
 
+        /// Divide the persistent-grant budget evenly among the connected queues (after
+        /// every connect and disconnect), so no frontend's pool starves another's I/O.
+        fn rebalance(&mut self) {
+            let queues = self
+                .devices
+                .values()
+                .filter_map(|d| d.conn.as_ref())
+                .map(|c| c.vbd.queues())
+                .sum();
+            let share = persistent_share(self.persistent_budget, queues);
+            if queues > 0 {
+                println!(
+                    "blkback: persistent-grant budget {}: {share} per queue over {queues} queue(s)",
+                    self.persistent_budget
+                );
+            }
+            for c in self.devices.values_mut().filter_map(|d| d.conn.as_mut()) {
+                c.vbd.set_persistent_limit(share, &mut self.mapper);
+            }
+        }
+
         fn ports(&self) -> Vec<EvtchnPort> {
             self.devices
                 .values()
@@ -778,6 +808,16 @@ mod domain {
 
     pub fn main(si: &'static StartInfo) {
         let cmdline = si.cmdline();
+        let maptrack: u32 = match dom_rt::cmdline_param(cmdline, "maptrack").map(str::parse) {
+            None => shared_abi::grant_table::DEFAULT_MAPTRACK_QUOTA,
+            Some(Ok(n)) if (64..=1 << 20).contains(&n) => n,
+            Some(_) => {
+                println!(
+                    "blkback: maptrack= must be 64..=1048576 (this domain's quota); using the default"
+                );
+                shared_abi::grant_table::DEFAULT_MAPTRACK_QUOTA
+            }
+        };
         let mib: u64 = dom_rt::cmdline_param(cmdline, "ramdisk_mib")
             .and_then(|v| v.parse().ok())
             .filter(|&m| (1..=4096).contains(&m))
@@ -857,6 +897,7 @@ mod domain {
             connections: 0,
             probed: 0,
             virtio: virtio.map(|v| Rc::new(RefCell::new(v))),
+            persistent_budget: persistent_budget(maptrack as usize),
             parts,
             whole_owner: None,
         };

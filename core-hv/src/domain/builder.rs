@@ -490,9 +490,10 @@ impl Hypervisor {
         }
         // The heap: what is left once its own page tables are paid for.
         // The page tables a full maptrack quota of grant mappings needs stay unspent, so a
-        // domain can always map what its quota allows (the window's leaf tables plus one
-        // directory).
-        let window_tables = u64::from(self.config.maptrack_max).div_ceil(512) + 1;
+        // domain can always map what its quota allows: leaf tables for the quota, one more
+        // leaf for a second region of the window (backends keep rings apart from data pages,
+        // at the top), and the window's directory.
+        let window_tables = u64::from(self.config.maptrack_max).div_ceil(512) + 2;
         let avail = part.reservation.available().saturating_sub(window_tables);
         let mut heap = avail;
         for _ in 0..4 {

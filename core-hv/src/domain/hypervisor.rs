@@ -58,8 +58,8 @@ pub struct HvConfig {
 
 /// Xen's default `max_event_channels` for a guest is 1023 usable ports.
 pub const DEFAULT_EVTCHN_MAX_PORTS: u32 = 1024;
-/// Default maptrack quota.
-pub const DEFAULT_MAPTRACK_MAX: u32 = 1024;
+/// Default maptrack quota (shared with backends, which budget their mappings within it).
+pub const DEFAULT_MAPTRACK_MAX: u32 = shared_abi::grant_table::DEFAULT_MAPTRACK_QUOTA;
 
 impl Default for HvConfig {
     fn default() -> Self {
