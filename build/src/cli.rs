@@ -25,7 +25,7 @@ the image):
   2. loom models:    RUSTFLAGS='--cfg loom' cargo test -p shared-abi --release
                      --target-dir target/loom -- loom   (FILTER instead of `loom` if given;
                      only when shared-abi has a cfg(loom) module)
-  3. boot image:     build core-hv and the default system's domains (systems/default.toml)
+  3. boot image:     build core-hv and the base system's domains (systems/base.toml)
   4. QEMU scenarios: cargo test -p tests [-- FILTER] with BULKHEAD_CORE_HV and BULKHEAD_IMAGE
                      set to the image just built
 

@@ -109,13 +109,46 @@ fn run_cmd(ws: &Workspace, a: RunArgs) -> Result<u8> {
         memory_mib: a.memory,
         append,
     };
-    eprintln!("hv: {}", cfg.command_line());
+    let (mut machine_args, forwards) = system.machine.qemu_args();
+    let mgmt = ws.out_dir().join("hvctl.sock");
+    // A stale socket from an earlier run would make QEMU refuse to listen.
+    let _ = std::fs::remove_file(&mgmt);
+    machine_args.extend(qemu::mgmt_socket_args(&mgmt));
+    eprintln!("hv: {} {}", cfg.command_line(), machine_args.join(" "));
+    eprintln!(
+        "hv: management line: {} (hvctl --socket {} list)",
+        mgmt.display(),
+        mgmt.display()
+    );
+    for f in &forwards {
+        if f.host_port != f.wanted {
+            eprintln!(
+                "hv: host port {} is taken; forwarding {} instead",
+                f.wanted, f.host_port
+            );
+        }
+        eprintln!(
+            "hv: forwarding http://127.0.0.1:{}/ to {} on the system's network",
+            f.host_port, f.guest
+        );
+    }
     let stdout = std::io::stdout();
-    let run = qemu::run(&cfg, a.timeout.map(Duration::from_secs), |line| {
-        let mut out = stdout.lock();
-        let _ = writeln!(out, "{line}");
-        let _ = out.flush();
-    })?;
+    let mut announced = false;
+    let run = qemu::run_with_args(
+        &cfg,
+        &machine_args,
+        a.timeout.map(Duration::from_secs),
+        |line| {
+            let mut out = stdout.lock();
+            let _ = writeln!(out, "{line}");
+            // A guest says `READY http <ip>:<port>` once it serves: show the host's URL.
+            if !announced && let Some(url) = served_url(line, &forwards) {
+                announced = true;
+                let _ = writeln!(out, "hv: ready: curl {url}");
+            }
+            let _ = out.flush();
+        },
+    )?;
     if !run.stderr.trim().is_empty() {
         eprintln!("hv: QEMU said:\n{}", run.stderr.trim_end());
     }
@@ -135,6 +168,17 @@ fn run_cmd(ws: &Workspace, a: RunArgs) -> Result<u8> {
         eprintln!("hv:   failed: {f}");
     }
     Ok(outcome.exit_code())
+}
+
+/// The host URL that reaches the guest server a console line announces
+/// (`READY http <ip>:<port>`), if a forward leads to it.
+fn served_url(line: &str, forwards: &[crate::machine::ActiveForward]) -> Option<String> {
+    let rest = &line[line.find("READY http ")? + "READY http ".len()..];
+    let addr: std::net::SocketAddrV4 = rest.split_whitespace().next()?.parse().ok()?;
+    forwards
+        .iter()
+        .find(|f| f.guest == addr)
+        .map(|f| format!("http://127.0.0.1:{}/", f.host_port))
 }
 
 /// True if `shared-abi` has loom models (a `cfg(loom)` item in its sources or tests).
@@ -327,7 +371,7 @@ fn test_cmd(ws: &Workspace, a: TestArgs) -> Result<u8> {
     check_interrupted()?;
 
     eprintln!("\n==> hv test [3/4]: boot image");
-    let system = load_system(ws, None)?;
+    let system = load_system(ws, Some(ws.base_system()))?;
     let mut built = None;
     results.push((
         "boot image",
@@ -390,7 +434,7 @@ const BENCH_LIMIT: Duration = Duration::from_secs(60 * 60);
 
 fn boot_benchmarks(ws: &Workspace, boots: u32, metrics: &mut Metrics) -> Result<()> {
     let qemu_path = setup::ensure_qemu()?;
-    let system = load_system(ws, None)?;
+    let system = load_system(ws, Some(ws.base_system()))?;
     let built = build_image(ws, &system, &ws.out_dir())?;
     let cfg = QemuConfig {
         qemu: qemu_path,

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod commands;
 pub mod console;
 pub mod image;
+pub mod machine;
 pub mod outcome;
 pub mod process;
 pub mod qemu;

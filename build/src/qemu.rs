@@ -12,7 +12,7 @@
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +60,19 @@ pub struct QemuConfig {
     pub memory_mib: u32,
     /// Kernel command-line words (`-append`).
     pub append: Vec<String>,
+}
+
+/// QEMU arguments (to go after the project's own, which put COM1 on stdio) that give the
+/// machine a second UART, COM2, on a unix socket at `path`: the management line `hvctl`
+/// talks to ctl-dom over (the hypervisor relays it with `domctl MGMT_IO`). QEMU listens
+/// without waiting for a client; bytes sent while none is connected are dropped.
+pub fn mgmt_socket_args(path: &Path) -> Vec<String> {
+    vec![
+        "-chardev".into(),
+        format!("socket,id=mgmt,path={},server=on,wait=off", path.display()),
+        "-serial".into(),
+        "chardev:mgmt".into(),
+    ]
 }
 
 impl QemuConfig {

@@ -31,6 +31,9 @@
 //! on_reboot = "destroy"
 //! on_crash = "restart"
 //! ```
+//!
+//! An optional `[machine]` table names the emulated devices the system's driver domains own
+//! (see [`crate::machine`]).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -43,6 +46,8 @@ use shared_abi::manifest::{
     MAX_WEIGHT, MIN_MEMORY_KIB,
 };
 use shared_abi::pci::{DeviceAssignment, DeviceMatch, MAX_DEVICE_MATCHES, PciAddress};
+
+use crate::machine::{Machine, RawMachine};
 
 /// Default credit-scheduler weight (Xen's default too).
 pub const DEFAULT_WEIGHT: u32 = 256;
@@ -61,6 +66,8 @@ pub struct System {
     pub name: String,
     pub description: String,
     pub domains: Vec<DomainConfig>,
+    /// Devices QEMU must emulate for it.
+    pub machine: Machine,
 }
 
 /// One validated boot domain.
@@ -172,6 +179,8 @@ struct RawSystem {
     system: RawHeader,
     #[serde(default, rename = "domain")]
     domains: Vec<RawDomain>,
+    #[serde(default)]
+    machine: RawMachine,
 }
 
 #[derive(Default, Deserialize)]
@@ -234,6 +243,18 @@ pub fn parse(path: &Path, text: &str) -> Result<System, SystemError> {
             count: raw.domains.len(),
         });
     }
+    let machine =
+        raw.machine
+            .validate()
+            .map_err(|(field, value, allowed)| SystemError::Invalid {
+                place: Place {
+                    path: path.to_path_buf(),
+                    domain: None,
+                },
+                field,
+                value,
+                allowed,
+            })?;
     let mut domains: Vec<DomainConfig> = Vec::with_capacity(raw.domains.len());
     for (index, d) in raw.domains.into_iter().enumerate() {
         let place = Place {
@@ -260,6 +281,7 @@ pub fn parse(path: &Path, text: &str) -> Result<System, SystemError> {
         name,
         description: raw.system.description,
         domains,
+        machine,
     })
 }
 
@@ -577,9 +599,27 @@ mod tests {
     }
 
     #[test]
-    fn shipped_default_system_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systems/default.toml");
-        load(&path).unwrap();
+    fn shipped_systems_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systems");
+        for e in std::fs::read_dir(dir).unwrap() {
+            let path = e.unwrap().path();
+            if path.extension().is_some_and(|x| x == "toml") {
+                load(&path).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn a_bad_machine_table_names_the_file_and_field() {
+        let e = parse_str("[machine]\n[[machine.nic]]\naddr = \"zz\"\n").unwrap_err();
+        assert_eq!(e.field(), Some("machine.nic.addr"));
+        assert!(
+            e.to_string()
+                .starts_with("systems/test.toml: machine.nic.addr"),
+            "{e}"
+        );
+        let e = parse_str("[machine]\nfloppy = true\n").unwrap_err();
+        assert!(e.to_string().contains("floppy"), "{e}");
     }
 
     fn one_domain(extra: &str) -> String {

@@ -11,6 +11,9 @@ pub const BARE_METAL_TARGET: &str = "x86_64-unknown-none";
 pub const CORE_HV: &str = "core-hv";
 /// The system booted when no `--config` is given, relative to the project root.
 pub const DEFAULT_SYSTEM: &str = "systems/default.toml";
+/// The small system scenarios and the boot benchmark start from: xenstore and one PV domain,
+/// ending on its own.
+pub const BASE_SYSTEM: &str = "systems/base.toml";
 
 /// The project's locations.
 #[derive(Clone, Debug)]
@@ -66,6 +69,11 @@ impl Workspace {
     /// The default system description.
     pub fn default_system(&self) -> PathBuf {
         self.root.join(DEFAULT_SYSTEM)
+    }
+
+    /// The base system description (scenarios' default image, boot benchmark).
+    pub fn base_system(&self) -> PathBuf {
+        self.root.join(BASE_SYSTEM)
     }
 
     /// Criterion's output directory.

@@ -111,6 +111,30 @@ pub fn boot_domains(caller: Caller) -> Result<BootToken, XenError> {
     }
 }
 
+/// The toolstack's authority: build domains at run time (`CREATE_DOMAIN`) and talk on the
+/// management line (`MGMT_IO`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ToolstackToken {
+    caller: DomId,
+}
+
+impl ToolstackToken {
+    pub fn caller(&self) -> DomId {
+        self.caller
+    }
+}
+
+/// May `caller` act as the toolstack? Needs `DOMAIN_CONTROL`.
+pub fn toolstack(caller: Caller) -> Result<ToolstackToken, XenError> {
+    if caller.caps.contains(Capabilities::DOMAIN_CONTROL) {
+        Ok(ToolstackToken {
+            caller: caller.domid,
+        })
+    } else {
+        Err(XenError::EPERM)
+    }
+}
+
 /// Authority to learn which domains a xenstore service domain serves, and the port each
 /// offered it (`XENSTORE_DOMAINS`).
 #[derive(Debug, PartialEq, Eq)]

@@ -1,16 +1,18 @@
 //! Typed `domctl` calls for a control domain (ctl-dom): list domains, get one's info,
-//! destroy, and the boot-domain operations (`BOOT_DOMAIN_INFO`, `REBUILD_BOOT_DOMAIN`).
+//! create (`CREATE_DOMAIN`), pause, unpause, destroy, and the boot-domain operations
+//! (`BOOT_DOMAIN_INFO`, `REBUILD_BOOT_DOMAIN`).
 //! Every one needs `DOMAIN_CONTROL`; anyone else gets `EPERM`.
 
 use alloc::vec;
 use alloc::vec::Vec;
 
 use shared_abi::DomId;
+use shared_abi::capability::Capabilities;
 use shared_abi::errno::XenError;
 use shared_abi::hypercall as hc;
 use shared_abi::hypercall_args::Wire;
 use shared_abi::hypercall_args::domctl::{
-    self as dc, BootDomain, DomainInfo, DomctlHeader, ListDomains,
+    self as dc, BootDomain, CreateDomain, DomainInfo, DomctlHeader, ListDomains,
 };
 
 use crate::hypercall::call;
@@ -85,6 +87,50 @@ pub fn pause(domid: DomId) -> Result<(), XenError> {
     call(hc::DOMCTL, [b.as_mut_ptr() as u64, 0, 0, 0, 0]).map(|_| ())
 }
 
+/// `UNPAUSEDOMAIN` for `domid`.
+pub fn unpause(domid: DomId) -> Result<(), XenError> {
+    let mut b = header(dc::UNPAUSEDOMAIN, domid);
+    call(hc::DOMCTL, [b.as_mut_ptr() as u64, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// What `CREATE_DOMAIN` is asked to build.
+#[derive(Clone, Copy, Debug)]
+pub struct NewDomain<'a> {
+    pub name: &'a str,
+    /// The kernel: an ELF image in this domain's memory (copied by the hypervisor).
+    pub elf: &'a [u8],
+    pub memory_kib: u64,
+    pub vcpus: u32,
+    pub weight: u32,
+    pub cap_percent: u32,
+    pub capabilities: Capabilities,
+    pub cmdline: &'a str,
+    /// Leave it paused (unpause once its xenstore entries are written).
+    pub paused: bool,
+}
+
+/// Build a domain at run time through the hypervisor's one builder; its id.
+pub fn create_domain(d: &NewDomain<'_>) -> Result<DomId, XenError> {
+    let mut req = CreateDomain {
+        elf_va: d.elf.as_ptr() as u64,
+        elf_len: d.elf.len() as u64,
+        memory_kib: d.memory_kib,
+        cmdline_va: d.cmdline.as_ptr() as u64,
+        cmdline_len: u32::try_from(d.cmdline.len()).map_err(|_| XenError::EINVAL)?,
+        vcpus: d.vcpus,
+        weight: d.weight,
+        cap_percent: d.cap_percent,
+        capabilities: d.capabilities.bits(),
+        flags: if d.paused { dc::CREATE_PAUSED } else { 0 },
+        ..CreateDomain::default()
+    };
+    req.set_name(d.name);
+    let mut b = header(dc::CREATE_DOMAIN, 0);
+    req.encode(&mut b[16..]);
+    let r = call(hc::DOMCTL, [b.as_mut_ptr() as u64, 0, 0, 0, 0])?;
+    DomId::try_from(r).map_err(|_| XenError::EIO)
+}
+
 fn boot_op(cmd: u32, req: BootDomain) -> Result<(u64, BootDomain), XenError> {
     let mut b = header(cmd, 0);
     req.encode(&mut b[16..]);
@@ -125,6 +171,58 @@ pub fn rebuild_boot_domain_named(name: &str) -> Result<DomId, XenError> {
     req.set_name(name);
     let (r, _) = boot_op(dc::REBUILD_BOOT_DOMAIN, req)?;
     DomId::try_from(r).map_err(|_| XenError::EIO)
+}
+
+/// `MGMT_IO`: move up to [`dc::MGMT_IO_MAX`] bytes on the management line (`op` is
+/// [`dc::MGMT_READ`] or [`dc::MGMT_WRITE`]); the count moved. Never waits.
+fn mgmt_io(op: u32, ptr: *mut u8, len: usize) -> Result<usize, XenError> {
+    let len = len.min(dc::MGMT_IO_MAX as usize);
+    let mut b = header(dc::MGMT_IO, 0);
+    dc::MgmtIo {
+        buffer: ptr as u64,
+        len: len as u32,
+        op,
+        ..dc::MgmtIo::default()
+    }
+    .encode(&mut b[16..]);
+    let n = call(hc::DOMCTL, [b.as_mut_ptr() as u64, 0, 0, 0, 0])?;
+    // Never more than asked: a larger count is refused, not trusted.
+    usize::try_from(n)
+        .ok()
+        .filter(|&n| n <= len)
+        .ok_or(XenError::EIO)
+}
+
+/// Take the bytes the management line has received (at most `buf.len()` and
+/// [`dc::MGMT_IO_MAX`]); 0 when none. `ENODEV`: the machine has no management line;
+/// `EPERM`: no `DOMAIN_CONTROL`.
+pub fn mgmt_read(buf: &mut [u8]) -> Result<usize, XenError> {
+    mgmt_io(dc::MGMT_READ, buf.as_mut_ptr(), buf.len())
+}
+
+/// Send what the management line accepts now of `data` (at most [`dc::MGMT_IO_MAX`]
+/// bytes); the count sent, possibly 0.
+pub fn mgmt_write(data: &[u8]) -> Result<usize, XenError> {
+    // The hypervisor only reads from a MGMT_WRITE buffer.
+    mgmt_io(dc::MGMT_WRITE, data.as_ptr().cast_mut(), data.len())
+}
+
+/// `SCHEDULER_OP` putinfo (credit scheduler): `weight` (1..=65535) and `cap_percent`
+/// (0 = uncapped) of `domid`.
+pub fn set_sched(domid: DomId, weight: u32, cap_percent: u32) -> Result<(), XenError> {
+    let mut b = header(dc::SCHEDULER_OP, domid);
+    dc::SchedulerOp {
+        sched_id: dc::SCHEDULER_CREDIT,
+        cmd: dc::SCHEDOP_PUTINFO,
+        weight: u16::try_from(weight).map_err(|_| XenError::EINVAL)?,
+        cap: u16::try_from(cap_percent)
+            .ok()
+            .filter(|&c| c != dc::CAP_UNCHANGED)
+            .ok_or(XenError::EINVAL)?,
+        pad: 0,
+    }
+    .encode(&mut b[16..]);
+    call(hc::DOMCTL, [b.as_mut_ptr() as u64, 0, 0, 0, 0]).map(|_| ())
 }
 
 #[cfg(test)]
@@ -200,5 +298,75 @@ mod tests {
         assert_eq!((info.index, info.on_crash, info.nr_boot_domains), (1, 1, 3));
         assert_eq!((r, by_name), (Ok(12), Ok(12)));
         assert_eq!((missing, bad), (Err(XenError::ESRCH), Err(XenError::ESRCH)));
+    }
+}
+
+#[cfg(test)]
+mod mgmt_tests {
+    use super::*;
+    use crate::hypercall::MOCK;
+
+    /// A line holding "hello" to read; writes accept at most 3 bytes; sched ops recorded.
+    fn fake(nr: u64, a: [u64; 5]) -> i64 {
+        if nr != hc::DOMCTL {
+            return XenError::ENOSYS.as_ret();
+        }
+        // SAFETY: the wrappers pass a live DOMCTL_LEN buffer and a live data buffer of `len`.
+        unsafe {
+            let b = core::slice::from_raw_parts_mut(a[0] as *mut u8, dc::DOMCTL_LEN);
+            let h = DomctlHeader::decode(b).unwrap();
+            match h.cmd {
+                dc::MGMT_IO => {
+                    let r = dc::MgmtIo::decode(&b[16..]).unwrap();
+                    assert!(r.len <= dc::MGMT_IO_MAX);
+                    let data = core::slice::from_raw_parts_mut(r.buffer as *mut u8, r.len as usize);
+                    match r.op {
+                        dc::MGMT_READ => {
+                            let n = data.len().min(5);
+                            data[..n].copy_from_slice(&b"hello"[..n]);
+                            n as i64
+                        }
+                        dc::MGMT_WRITE if h.domain == 0 => data.len().min(3) as i64,
+                        _ => XenError::EINVAL.as_ret(),
+                    }
+                }
+                dc::SCHEDULER_OP => {
+                    let op = dc::SchedulerOp::decode(&b[16..]).unwrap();
+                    if h.domain == 7 && op.weight == 512 && op.cap == 50 {
+                        0
+                    } else {
+                        XenError::ESRCH.as_ret()
+                    }
+                }
+                _ => XenError::ENOSYS.as_ret(),
+            }
+        }
+    }
+
+    /// Claims more bytes than asked.
+    fn liar(_nr: u64, _a: [u64; 5]) -> i64 {
+        9999
+    }
+
+    #[test]
+    fn mgmt_io_moves_bytes_and_refuses_impossible_counts() {
+        let _g = crate::hypercall::TEST_LOCK.lock();
+        *MOCK.lock() = Some(fake);
+        let mut buf = [0u8; 16];
+        let r = mgmt_read(&mut buf);
+        let mut big = alloc::vec![0u8; 10_000];
+        let w = mgmt_write(b"abcdef");
+        let w_big = mgmt_write(&big);
+        let r_big = mgmt_read(&mut big);
+        let s = set_sched(7, 512, 50);
+        let s_bad = set_sched(7, 70_000, 0);
+        *MOCK.lock() = Some(liar);
+        let lie = mgmt_read(&mut buf);
+        *MOCK.lock() = None;
+        assert_eq!(r, Ok(5));
+        assert_eq!(&buf[..5], b"hello");
+        assert_eq!((w, w_big, r_big), (Ok(3), Ok(3), Ok(5)));
+        assert_eq!((s, s_bad), (Ok(()), Err(XenError::EINVAL)));
+        assert_eq!(lie, Err(XenError::EIO));
     }
 }

@@ -589,6 +589,140 @@ pub mod domctl {
             self.name[..n].copy_from_slice(&name.as_bytes()[..n]);
         }
     }
+
+    /// Bulkhead: build a new domain at run time through the one builder boot domains go
+    /// through, from an ELF image and a command line in the caller's memory: payload in/out =
+    /// [`CreateDomain`]. Answers the new domain id (also in the payload's `domid`). Needs
+    /// `DOMAIN_CONTROL`; `domain_control`, `xenstore_service` and `device_owner` cannot be
+    /// granted this way (`-EPERM`). Bad sizes or fields: `-EINVAL`; an image over
+    /// [`MAX_CREATE_ELF`]: `-E2BIG`; no memory: `-ENOMEM`; the image or command line not
+    /// readable: `-EFAULT`. The xenstore and control domains learn of it on `VIRQ_DOM_EXC`.
+    pub const CREATE_DOMAIN: u32 = 0x4248_0300;
+    /// Largest ELF image `CREATE_DOMAIN` takes (bytes).
+    pub const MAX_CREATE_ELF: u64 = 8 << 20;
+    /// [`CreateDomain::flags`]: leave the domain paused (the toolstack unpauses it once its
+    /// xenstore entries are written, as `xl create` does).
+    pub const CREATE_PAUSED: u32 = 1;
+
+    /// `CREATE_DOMAIN` payload.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct CreateDomain {
+        /// The ELF image: address and length in the caller's memory.
+        pub elf_va: u64,
+        pub elf_len: u64,
+        pub memory_kib: u64,
+        /// The command line: address and length (at most 1024 bytes; 0 for none).
+        pub cmdline_va: u64,
+        pub cmdline_len: u32,
+        pub vcpus: u32,
+        pub weight: u32,
+        pub cap_percent: u32,
+        /// `Capabilities` bits.
+        pub capabilities: u64,
+        /// [`CREATE_PAUSED`].
+        pub flags: u32,
+        /// Out: the new domain.
+        pub domid: DomId,
+        pub pad1: u16,
+        /// The name, NUL-padded.
+        pub name: [u8; 32],
+    }
+    assert_layout!(CreateDomain, 96; elf_va @ 0, elf_len @ 8, memory_kib @ 16,
+        cmdline_va @ 24, cmdline_len @ 32, vcpus @ 36, weight @ 40, cap_percent @ 44,
+        capabilities @ 48, flags @ 56, domid @ 60, name @ 64);
+    wire_struct!(
+        CreateDomain,
+        96,
+        |r| CreateDomain {
+            elf_va: r.u64(),
+            elf_len: r.u64(),
+            memory_kib: r.u64(),
+            cmdline_va: r.u64(),
+            cmdline_len: r.u32(),
+            vcpus: r.u32(),
+            weight: r.u32(),
+            cap_percent: r.u32(),
+            capabilities: r.u64(),
+            flags: r.u32(),
+            domid: r.u16(),
+            pad1: r.u16(),
+            name: r.bytes()
+        },
+        |s, w| {
+            w.put(&s.elf_va.to_le_bytes());
+            w.put(&s.elf_len.to_le_bytes());
+            w.put(&s.memory_kib.to_le_bytes());
+            w.put(&s.cmdline_va.to_le_bytes());
+            w.put(&s.cmdline_len.to_le_bytes());
+            w.put(&s.vcpus.to_le_bytes());
+            w.put(&s.weight.to_le_bytes());
+            w.put(&s.cap_percent.to_le_bytes());
+            w.put(&s.capabilities.to_le_bytes());
+            w.put(&s.flags.to_le_bytes());
+            w.put(&s.domid.to_le_bytes());
+            w.put(&s.pad1.to_le_bytes());
+            w.put(&s.name);
+        }
+    );
+
+    /// Bulkhead: move bytes on the management serial line (the machine's second UART, which
+    /// `cargo hv run` connects to a unix socket for `hvctl`): payload in/out = [`MgmtIo`].
+    /// [`MGMT_READ`] takes up to `len` bytes already received (never waits; 0 when none),
+    /// [`MGMT_WRITE`] sends up to `len` bytes; both answer the count (also in `done`).
+    /// `len` at most [`MGMT_IO_MAX`]. Needs `DOMAIN_CONTROL`; no such line: `-ENODEV`.
+    pub const MGMT_IO: u32 = 0x4248_0400;
+    pub const MGMT_READ: u32 = 0;
+    pub const MGMT_WRITE: u32 = 1;
+    pub const MGMT_IO_MAX: u32 = 4096;
+
+    /// `MGMT_IO` payload.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct MgmtIo {
+        /// The caller's buffer.
+        pub buffer: u64,
+        pub len: u32,
+        /// [`MGMT_READ`] or [`MGMT_WRITE`].
+        pub op: u32,
+        /// Out: bytes moved.
+        pub done: u32,
+        pub pad: u32,
+    }
+    assert_layout!(MgmtIo, 24; buffer @ 0, len @ 8, op @ 12, done @ 16);
+    wire_struct!(
+        MgmtIo,
+        24,
+        |r| MgmtIo {
+            buffer: r.u64(),
+            len: r.u32(),
+            op: r.u32(),
+            done: r.u32(),
+            pad: r.u32()
+        },
+        |s, w| {
+            w.put(&s.buffer.to_le_bytes());
+            w.put(&s.len.to_le_bytes());
+            w.put(&s.op.to_le_bytes());
+            w.put(&s.done.to_le_bytes());
+            w.put(&s.pad.to_le_bytes());
+        }
+    );
+
+    impl CreateDomain {
+        /// The name as text (up to the first NUL); `None` if not UTF-8.
+        pub fn name(&self) -> Option<&str> {
+            let end = self.name.iter().position(|&b| b == 0).unwrap_or(32);
+            core::str::from_utf8(&self.name[..end]).ok()
+        }
+
+        /// Set the name (at most 32 bytes are kept).
+        pub fn set_name(&mut self, name: &str) {
+            self.name = [0; 32];
+            let n = name.len().min(32);
+            self.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        }
+    }
 }
 
 #[cfg(test)]

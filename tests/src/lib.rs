@@ -4,9 +4,10 @@
 //! judges what the serial console and the exit status say. The scenarios themselves are in
 //! `tests/scenarios.rs`; this library gives them:
 //!
-//! - [`artifacts`]: the hypervisor and the default system's image. `cargo hv test` builds them
-//!   once and passes their paths in `BULKHEAD_CORE_HV` / `BULKHEAD_IMAGE`; when those are unset
-//!   (`cargo test -p tests`) the harness builds them itself, once per process. Relative paths
+//! - [`artifacts`]: the hypervisor and the base system's image (`systems/base.toml`).
+//!   `cargo hv test` builds them once and passes their paths in `BULKHEAD_CORE_HV` /
+//!   `BULKHEAD_IMAGE`; when those are unset (`cargo test -p tests`) the harness builds them
+//!   itself, once per process. Relative paths
 //!   in those variables are taken from the project root. A missing tool
 //!   or a failed build fails every scenario with the reason: nothing is skipped silently.
 //! - [`Scenario`] / [`Boot`]: one boot and the checks on it. A failed check panics with the
@@ -35,7 +36,7 @@ use shared_abi::console::ReadyLine;
 pub struct Artifacts {
     pub qemu: PathBuf,
     pub core_hv: PathBuf,
-    /// The default system's boot image.
+    /// The base system's boot image.
     pub image: PathBuf,
 }
 
@@ -69,7 +70,7 @@ fn prepare() -> Result<Artifacts, String> {
     }
     let ws = Workspace::locate();
     setup::ensure_bare_metal_target(&ws).map_err(|e| format!("{e:#}"))?;
-    let sys = system::load(&ws.default_system()).map_err(|e| e.to_string())?;
+    let sys = system::load(&ws.base_system()).map_err(|e| e.to_string())?;
     let built = image::write(&ws, &sys, &scenario_dir())
         .map_err(|e| format!("building the image: {e:#}"))?;
     Ok(Artifacts {
@@ -176,6 +177,12 @@ impl Scenario {
 
     /// Boot and wait for the end (poweroff, QEMU's death, the time limit, or Ctrl-C).
     pub fn boot(self) -> Boot {
+        self.boot_watching(|_| {})
+    }
+
+    /// [`boot`](Self::boot), handing each console line to `on_line` as it arrives, while
+    /// QEMU runs (e.g. to reach a guest's server once it says it is ready).
+    pub fn boot_watching(self, on_line: impl FnMut(&str)) -> Boot {
         let a = artifacts();
         let initrd = match &self.image {
             ImageChoice::None => None,
@@ -206,7 +213,7 @@ impl Scenario {
         } else {
             format!("{} {}", cfg.command_line(), self.qemu_args.join(" "))
         };
-        let run = match qemu::run_with_args(&cfg, &self.qemu_args, Some(self.timeout), |_| {}) {
+        let run = match qemu::run_with_args(&cfg, &self.qemu_args, Some(self.timeout), on_line) {
             Ok(r) => r,
             Err(e) => panic!("scenario {}: {e}\n  command: {command}", self.name),
         };

@@ -75,7 +75,7 @@ impl BootSet {
 }
 
 /// The errno for a refused build.
-fn build_errno(e: &BuildError) -> XenError {
+pub(crate) fn build_errno(e: &BuildError) -> XenError {
     match e {
         BuildError::OutOfMemory => XenError::ENOMEM,
         BuildError::NoDomainIds => XenError::ENOSPC,

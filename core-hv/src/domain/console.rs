@@ -15,6 +15,33 @@ pub const REFILL_BYTES_PER_S: u64 = 4096;
 /// Longest line kept before it is flushed without a newline.
 pub const MAX_LINE: usize = 256;
 
+/// The management serial line (the machine's second UART): a byte pipe between the host's
+/// `hvctl` and the control domain, moved by `domctl MGMT_IO`. Never blocks.
+pub trait MgmtLine {
+    /// Whether the machine has the line.
+    fn present(&self) -> bool;
+    /// Move up to `buf.len()` bytes already received into `buf`; how many.
+    fn read(&mut self, buf: &mut [u8]) -> usize;
+    /// Send `data`; how many bytes were taken.
+    fn write(&mut self, data: &[u8]) -> usize;
+}
+
+/// A machine without the line.
+#[derive(Debug, Default)]
+pub struct NoMgmtLine;
+
+impl MgmtLine for NoMgmtLine {
+    fn present(&self) -> bool {
+        false
+    }
+    fn read(&mut self, _buf: &mut [u8]) -> usize {
+        0
+    }
+    fn write(&mut self, _data: &[u8]) -> usize {
+        0
+    }
+}
+
 /// Where finished console lines go (the arch layer's serial port).
 pub trait ConsoleSink {
     fn write(&mut self, bytes: &[u8]);

@@ -194,6 +194,31 @@ impl Lines {
     }
 }
 
+/// A management line: bytes the host sent (`rx`), bytes the hypervisor sent (`tx`).
+#[derive(Default)]
+pub struct FakeLine {
+    pub present: bool,
+    pub rx: alloc::collections::VecDeque<u8>,
+    pub tx: Vec<u8>,
+}
+
+impl super::console::MgmtLine for FakeLine {
+    fn present(&self) -> bool {
+        self.present
+    }
+    fn read(&mut self, buf: &mut [u8]) -> usize {
+        let n = buf.len().min(self.rx.len());
+        for (d, s) in buf.iter_mut().zip(self.rx.drain(..n)) {
+            *d = s;
+        }
+        n
+    }
+    fn write(&mut self, data: &[u8]) -> usize {
+        self.tx.extend_from_slice(data);
+        data.len()
+    }
+}
+
 /// Everything a [`super::Platform`] borrows, owned.
 pub struct Env {
     pub frames: FakeFrames,
@@ -201,6 +226,7 @@ pub struct Env {
     pub mmu: FakeMmu,
     pub clock: FakeClock,
     pub console: Lines,
+    pub mgmt: FakeLine,
 }
 
 impl Env {
@@ -211,6 +237,7 @@ impl Env {
             mmu: FakeMmu,
             clock: FakeClock::default(),
             console: Lines::default(),
+            mgmt: FakeLine::default(),
         }
     }
 
@@ -221,6 +248,7 @@ impl Env {
             mmu: &mut self.mmu,
             clock: &self.clock,
             console: &mut self.console,
+            mgmt: &mut self.mgmt,
         }
     }
 

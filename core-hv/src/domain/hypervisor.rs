@@ -16,7 +16,7 @@ use shared_abi::start_info::EntryState;
 use shared_abi::event_channel::virq;
 use spin::Mutex;
 
-use super::console::ConsoleSink;
+use super::console::{ConsoleSink, MgmtLine};
 use super::memory::{AddressSpaceFactory, FrameSource, Mfn, PhysMem, ReservedFrames};
 use super::shared::{FrameRefs, HvGrantMemory};
 use super::{DomainState, DomainTable, ExitReason, FaultInfo, ShutdownReason};
@@ -41,6 +41,8 @@ pub struct Platform<'a> {
     pub mmu: &'a mut dyn AddressSpaceFactory,
     pub clock: &'a dyn Clock,
     pub console: &'a mut dyn ConsoleSink,
+    /// The management serial line (`domctl MGMT_IO`).
+    pub mgmt: &'a mut dyn MgmtLine,
 }
 
 /// Policy knobs of the core.

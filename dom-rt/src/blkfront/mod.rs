@@ -49,71 +49,18 @@ pub mod fake;
 #[cfg(test)]
 mod tests;
 
-use alloc::string::String;
-use alloc::vec::Vec;
 use core::fmt;
 
+#[cfg(test)]
 use shared_abi::DomId;
-use shared_abi::event_channel::EvtchnPort;
-use shared_abi::grant_table::GrantRef;
-use shared_abi::ring::{RingError, SharedRingMem};
-use shared_abi::xenbus::{Store, StoreError, XenbusError};
+use shared_abi::ring::RingError;
+use shared_abi::xenbus::{StoreError, XenbusError};
 
 pub use io::{Blkfront, Completion, Stats, Tag};
 pub use negotiate::{DiskInfo, FrontConfig};
 
-/// Pages of this domain and granting them to another domain.
-pub trait Grants {
-    /// A page of ours (4 KiB).
-    type Page;
-    /// A fresh page (contents unspecified).
-    fn alloc_page(&mut self) -> Result<Self::Page, BlkError>;
-    /// Give a page back (its grant, if any, has ended).
-    fn free_page(&mut self, page: Self::Page);
-    /// `2^order` contiguous zeroed pages holding a shared ring: the region and a handle per
-    /// page (page 0 first), to grant each.
-    fn alloc_ring(&mut self, order: u32) -> Result<(SharedRingMem, Vec<Self::Page>), BlkError>;
-    /// Copy `out.len()` bytes at `offset` of `page` into `out` (`offset + len <= 4096`).
-    fn read(&mut self, page: &Self::Page, offset: usize, out: &mut [u8]);
-    /// Copy `data` into `page` at `offset` (`offset + len <= 4096`).
-    fn write(&mut self, page: &Self::Page, offset: usize, data: &[u8]);
-    /// Grant `page` to `domid`: the grant ref.
-    fn grant(
-        &mut self,
-        domid: DomId,
-        page: &Self::Page,
-        readonly: bool,
-    ) -> Result<GrantRef, BlkError>;
-    /// End the grant `gref`; false (and the grant stays) if the grantee still maps it.
-    fn end_access(&mut self, gref: GrantRef) -> bool;
-}
-
-/// Event channels to the backend.
-pub trait Events {
-    /// A new port of ours that `remote` may bind.
-    fn alloc_unbound(&mut self, remote: DomId) -> Result<EvtchnPort, BlkError>;
-    /// Close a port.
-    fn close(&mut self, port: EvtchnPort);
-    /// Signal the peer.
-    fn notify(&mut self, port: EvtchnPort) -> Result<(), BlkError>;
-    /// Block until one of `ports` may have fired. Returning early (spuriously, or after a
-    /// bounded time) is allowed: callers re-check the rings.
-    fn wait(&mut self, ports: &[EvtchnPort]);
-}
-
-/// Xenstore as the handshake needs it.
-pub trait XsStore: Store {
-    /// Write every `(path, value)`, atomically where the store can (a transaction).
-    fn write_all(&mut self, entries: &[(String, String)]) -> Result<(), StoreError> {
-        for (k, v) in entries {
-            self.write(k, v)?;
-        }
-        Ok(())
-    }
-    /// Block until something in the store may have changed (bounded; spurious returns are
-    /// allowed: callers re-read).
-    fn wait(&mut self);
-}
+/// The seams (shared with the network frontend): see [`crate::front`].
+pub use crate::front::{Events, Grants, XsStore};
 
 /// How the backend broke the protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

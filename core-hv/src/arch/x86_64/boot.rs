@@ -209,6 +209,9 @@ extern "C" fn bsp_entry(start_info_paddr: u32) -> ! {
         start_info_paddr,
         info.cmdline.as_str()
     );
+    if super::serial::com2::probe() {
+        info!("management line: COM2 (domctl MGMT_IO for the control domain)");
+    }
     for w in &parsed.warnings {
         warn!("{w}");
     }

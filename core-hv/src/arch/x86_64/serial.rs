@@ -58,3 +58,103 @@ impl core::fmt::Write for Serial {
         Ok(())
     }
 }
+
+/// The management line: COM2 (I/O port 0x2f8), polled like COM1, present only when the
+/// machine has a second UART (`cargo hv run` gives QEMU one on a unix socket for `hvctl`).
+pub mod com2 {
+    use core::sync::atomic::{AtomicBool, Ordering};
+
+    use super::{DATA, FCR, IER, LCR, LSR, LSR_THR_EMPTY, MCR};
+
+    const COM2: u16 = 0x2f8;
+    const SCRATCH: u16 = 7;
+    const LSR_DATA_READY: u8 = 1;
+
+    static PRESENT: AtomicBool = AtomicBool::new(false);
+
+    /// Look for the UART (its scratch register keeps what is written; an absent port reads
+    /// 0xff) and program it: 115200 8N1, FIFOs on, no interrupts. Called once at boot.
+    pub fn probe() -> bool {
+        // SAFETY: COM2 is not used by anything else in the hypervisor; these accesses only
+        // configure the UART or read back its scratch register.
+        let found = unsafe {
+            super::super::cpu::outb(COM2 + SCRATCH, 0x5a);
+            let a = super::super::cpu::inb(COM2 + SCRATCH);
+            super::super::cpu::outb(COM2 + SCRATCH, 0xa5);
+            let b = super::super::cpu::inb(COM2 + SCRATCH);
+            (a, b) == (0x5a, 0xa5)
+        };
+        if found {
+            // SAFETY: as above; the port exists.
+            unsafe {
+                super::super::cpu::outb(COM2 + IER, 0x00);
+                super::super::cpu::outb(COM2 + LCR, 0x80);
+                super::super::cpu::outb(COM2, 0x01);
+                super::super::cpu::outb(COM2 + 1, 0x00);
+                super::super::cpu::outb(COM2 + LCR, 0x03);
+                super::super::cpu::outb(COM2 + FCR, 0xc7);
+                super::super::cpu::outb(COM2 + MCR, 0x03);
+            }
+        }
+        PRESENT.store(found, Ordering::Release);
+        found
+    }
+
+    /// The hypervisor's view of COM2 as the management line. Accesses are serialised by the
+    /// hypervisor lock every hypercall holds.
+    pub struct Line;
+
+    impl crate::domain::console::MgmtLine for Line {
+        fn present(&self) -> bool {
+            PRESENT.load(Ordering::Acquire)
+        }
+
+        fn read(&mut self, buf: &mut [u8]) -> usize {
+            if !self.present() {
+                return 0;
+            }
+            let mut n = 0;
+            for b in buf.iter_mut() {
+                // SAFETY: COM2 is present and only this module touches it; reading LSR and
+                // RBR has no memory effects.
+                let byte = unsafe {
+                    if super::super::cpu::inb(COM2 + LSR) & LSR_DATA_READY == 0 {
+                        break;
+                    }
+                    super::super::cpu::inb(COM2 + DATA)
+                };
+                *b = byte;
+                n += 1;
+            }
+            n
+        }
+
+        fn write(&mut self, data: &[u8]) -> usize {
+            if !self.present() {
+                return 0;
+            }
+            let mut n = 0;
+            for &b in data {
+                // SAFETY: as in `read`; a bounded wait, a stalled line stops the write.
+                let sent = unsafe {
+                    let mut ready = false;
+                    for _ in 0..100_000 {
+                        if super::super::cpu::inb(COM2 + LSR) & LSR_THR_EMPTY != 0 {
+                            ready = true;
+                            break;
+                        }
+                    }
+                    if ready {
+                        super::super::cpu::outb(COM2 + DATA, b);
+                    }
+                    ready
+                };
+                if !sent {
+                    break;
+                }
+                n += 1;
+            }
+            n
+        }
+    }
+}

@@ -203,6 +203,8 @@ impl Call<'_, '_> {
             dc::BOOT_DOMAIN_INFO | dc::REBUILD_BOOT_DOMAIN => {
                 self.boot_domain(h.cmd, arg, &mut buf)
             }
+            dc::CREATE_DOMAIN => self.create_domain(arg, &mut buf),
+            dc::MGMT_IO => self.mgmt_io(arg, &mut buf),
             _ => Err(XenError::ENOSYS),
         }
     }

@@ -12,10 +12,12 @@
 //! `-ENOSYS`. Nothing here panics on domain input (the dispatcher proptest checks it).
 
 mod boot_domctl;
+mod create_domctl;
 mod domctl;
 mod evtchn_op;
 mod gnttab_op;
 mod memory_op;
+mod mgmt_domctl;
 mod physdev_op;
 mod sched_op;
 #[cfg(test)]

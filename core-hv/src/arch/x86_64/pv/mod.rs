@@ -126,12 +126,14 @@ fn with_platform<R>(f: impl FnOnce(&mut Platform<'_>) -> R) -> R {
     let mut mmu = Factory;
     let clock = TscClock;
     let mut sink = Sink;
+    let mut mgmt = super::serial::com2::Line;
     let mut p = Platform {
         frames: &mut frames,
         phys: &phys,
         mmu: &mut mmu,
         clock: &clock,
         console: &mut sink,
+        mgmt: &mut mgmt,
     };
     f(&mut p)
 }
