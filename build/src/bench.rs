@@ -192,6 +192,67 @@ pub const QEMU_BENCHES: &[QemuBench] = &[
         ],
         qemu_args: BLK_VIRTIO_QEMU_ARGS,
     },
+    // Issue 8: guest to guest through netback-dom's switch (smoltcp over netfront), one queue
+    // per vif, -smp 2. About 10 s per boot.
+    QemuBench {
+        system: "net-bench",
+        smp: 2,
+        boots: 3,
+        time_limit: Duration::from_secs(240),
+        metrics: &["net_g2g_tcp_mbps", "net_g2g_64b_pps"],
+        qemu_args: &[],
+    },
+    // Issue 8: the same with four queues per vif (the `_mq` metrics).
+    QemuBench {
+        system: "net-bench-mq",
+        smp: 2,
+        boots: 3,
+        time_limit: Duration::from_secs(240),
+        metrics: &["net_g2g_tcp_mbps_mq", "net_g2g_64b_pps_mq"],
+        qemu_args: &[],
+    },
+    // Issue 8: a guest's TCP stream out of netback-dom's virtio-net uplink to a host sink
+    // (QEMU's guestfwd), one queue. A few seconds per boot.
+    QemuBench {
+        system: "net-uplink-bench",
+        smp: 2,
+        boots: 3,
+        time_limit: Duration::from_secs(240),
+        metrics: &["net_g2uplink_tcp_mbps"],
+        qemu_args: NET_UPLINK_QEMU_ARGS,
+    },
+    // Issue 8: the same with four queues on the guest's vif.
+    QemuBench {
+        system: "net-uplink-bench-mq",
+        smp: 2,
+        boots: 3,
+        time_limit: Duration::from_secs(240),
+        metrics: &["net_g2uplink_tcp_mbps_mq"],
+        qemu_args: NET_UPLINK_QEMU_ARGS,
+    },
+    // Issue 8: the reference, 64-byte packets over a bare granted ring between two domains
+    // (the ceiling of net_g2g_64b_pps), -smp 2 as the net systems. About 2 s per boot.
+    QemuBench {
+        system: "net-raw-ring-bench",
+        smp: 2,
+        boots: 3,
+        time_limit: Duration::from_secs(120),
+        metrics: &["net_raw_ring_64b_pps"],
+        qemu_args: &[],
+    },
+];
+
+/// The uplink of the `net_g2uplink_*` systems: a modern virtio-net function at 00:04.0
+/// behind the emulated VT-d on QEMU's user network, whose `guestfwd` hands each TCP
+/// connection to 10.0.2.100:5001 to a program on the host reading it into /dev/null (the
+/// sink: no listener in the bench runner; slirp answers ARP for that address).
+const NET_UPLINK_QEMU_ARGS: &[&str] = &[
+    "-device",
+    "intel-iommu",
+    "-netdev",
+    "user,id=n0,guestfwd=tcp:10.0.2.100:5001-cmd:sh -c 'exec cat >/dev/null'",
+    "-device",
+    "virtio-net-pci,netdev=n0,addr=04.0,disable-legacy=on,iommu_platform=on",
 ];
 
 /// The virtio-blk disk of the `blk_virtio_*` and `blk_direct_virtio_*` systems: 8 MiB of
@@ -836,6 +897,13 @@ mod tests {
             "blk_direct_virtio_randread_4k_iops_qd32",
             "blk_direct_virtio_randwrite_4k_iops_qd32",
             "blk_direct_virtio_seq_1m_mbps",
+            "net_g2g_tcp_mbps",
+            "net_g2g_64b_pps",
+            "net_g2g_tcp_mbps_mq",
+            "net_g2g_64b_pps_mq",
+            "net_g2uplink_tcp_mbps",
+            "net_g2uplink_tcp_mbps_mq",
+            "net_raw_ring_64b_pps",
         ];
         let mut got = all.clone();
         got.sort_unstable();
@@ -861,7 +929,20 @@ mod tests {
             chosen("blk_"),
             ["blk-bench", "blk-virtio-bench", "blk-direct-bench"]
         );
-        assert_eq!(QEMU_BENCHES.iter().filter(|b| b.selected(None)).count(), 7);
+        assert_eq!(
+            chosen("net_"),
+            [
+                "net-bench",
+                "net-bench-mq",
+                "net-uplink-bench",
+                "net-uplink-bench-mq",
+                "net-raw-ring-bench"
+            ]
+        );
+        // A `_mq` metric's name contains its one-queue sibling's.
+        assert_eq!(chosen("net_g2g_64b_pps"), ["net-bench", "net-bench-mq"]);
+        assert_eq!(chosen("_mq"), ["net-bench-mq", "net-uplink-bench-mq"]);
+        assert_eq!(QEMU_BENCHES.iter().filter(|b| b.selected(None)).count(), 12);
     }
 
     #[test]
@@ -877,6 +958,8 @@ mod tests {
                     "hypercall_null_cycles" | "domain_switch_cycles" => "role=bench",
                     "domain_build_ms" => "role=",
                     g if g.starts_with("gnttab_") => "role=bench-mapper",
+                    g if g.starts_with("net_g2g_") => "role=tcp-recv",
+                    g if g.starts_with("net_g2uplink_") => "role=http",
                     _ => "",
                 };
                 let printed_by_domain = s.domains.iter().any(|d| {

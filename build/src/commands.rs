@@ -521,7 +521,9 @@ fn qemu_bench(ws: &Workspace, b: &QemuBench, max_boots: u32) -> Result<Metrics> 
     let mut samples = Vec::new();
     for i in 1..=boots {
         check_interrupted()?;
-        let extra: Vec<String> = b.qemu_args.iter().map(|s| s.to_string()).collect();
+        // The system file's own [machine] devices, then the bench's.
+        let mut extra = system.machine.qemu_args().0;
+        extra.extend(b.qemu_args.iter().map(|s| s.to_string()));
         let run = qemu::run_with_args(&cfg, &extra, Some(b.time_limit), |_| {})?;
         let outcome = Outcome::classify(run.ending);
         let judged = run.console.judge_results();

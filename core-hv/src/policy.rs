@@ -193,6 +193,31 @@ pub fn device_owner(caller: Caller) -> Result<DeviceToken, XenError> {
     }
 }
 
+/// Authority to read console histories: any domain's console output and the hypervisor's
+/// own log (`domctl CONSOLE_READ`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConsoleHistoryToken {
+    caller: DomId,
+}
+
+impl ConsoleHistoryToken {
+    pub fn caller(&self) -> DomId {
+        self.caller
+    }
+}
+
+/// May `caller` read console histories? Needs `DOMAIN_CONTROL` (what a domain wrote on its
+/// console and what the hypervisor logs about every domain are the toolstack's to see).
+pub fn console_history(caller: Caller) -> Result<ConsoleHistoryToken, XenError> {
+    if caller.caps.contains(Capabilities::DOMAIN_CONTROL) {
+        Ok(ConsoleHistoryToken {
+            caller: caller.domid,
+        })
+    } else {
+        Err(XenError::EPERM)
+    }
+}
+
 /// May `caller` read the hypervisor console? No capability grants it: console input goes to
 /// domains through their console rings, served by a console domain.
 pub fn console_read(_caller: Caller) -> Result<(), XenError> {
@@ -310,6 +335,20 @@ mod tests {
         assert_eq!(
             console_read(caller(Capabilities::all())),
             Err(XenError::EPERM)
+        );
+    }
+
+    #[test]
+    fn console_history_requires_domain_control() {
+        assert_eq!(
+            console_history(caller(Capabilities::all() - Capabilities::DOMAIN_CONTROL)),
+            Err(XenError::EPERM)
+        );
+        assert_eq!(
+            console_history(caller(Capabilities::DOMAIN_CONTROL))
+                .unwrap()
+                .caller(),
+            3
         );
     }
 

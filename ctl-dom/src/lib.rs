@@ -75,8 +75,13 @@ pub type Chunk = (u64, u64, Vec<u8>);
 /// What ctl-dom needs from the hypervisor and from xenstore.
 pub trait Platform {
     fn list(&mut self) -> Result<Vec<HvDomain>, XenError>;
-    /// Build (and start) a domain with the one builder core-hv uses for boot domains.
+    /// Build a domain with the one builder core-hv uses for boot domains. It may be left
+    /// paused until [`Platform::start`] (the real platform does, as `xl create` does).
     fn create(&mut self, config: &DomainConfig, kernel: &[u8]) -> Result<DomId, XenError>;
+    /// Run a domain [`Platform::create`] built, once its xenstore entries are written.
+    fn start(&mut self, _domid: DomId) -> Result<(), XenError> {
+        Ok(())
+    }
     fn destroy(&mut self, domid: DomId) -> Result<(), XenError>;
     fn pause(&mut self, domid: DomId) -> Result<(), XenError>;
     fn unpause(&mut self, domid: DomId) -> Result<(), XenError>;
@@ -130,10 +135,17 @@ pub struct Toolstack<P: Platform> {
     managed: BTreeMap<DomId, Managed>,
 }
 
+/// The hypervisor's answer as a protocol error; `ENOSYS` (the platform has no such
+/// operation) is the protocol's `Unsupported`.
 fn hv(operation: &str) -> impl Fn(XenError) -> MgmtError + '_ {
-    move |e| MgmtError::Hypervisor {
-        operation: operation.to_string(),
-        errno: e.errno(),
+    move |e| match e {
+        XenError::ENOSYS => MgmtError::Unsupported(format!(
+            "{operation}: the hypervisor offers no such operation yet"
+        )),
+        e => MgmtError::Hypervisor {
+            operation: operation.to_string(),
+            errno: e.errno(),
+        },
     }
 }
 
@@ -284,14 +296,21 @@ impl<P: Platform> Toolstack<P> {
             }
             RequestBody::MemSet { dom, kib } => {
                 let d = self.find(&dom)?;
-                if !(shared_abi::manifest::MIN_MEMORY_KIB..=d.maxmem_kib).contains(&kib) {
+                // xl's bound is the static maximum: the config's `maxmem` for a domain built
+                // here (the hypervisor's limit follows each mem-set, so it may be lower now),
+                // the hypervisor's current limit for others.
+                let max = self
+                    .managed
+                    .get(&d.domid)
+                    .map_or(d.maxmem_kib, |m| m.config.maxmem_kib.max(d.maxmem_kib));
+                if !(shared_abi::manifest::MIN_MEMORY_KIB..=max).contains(&kib) {
                     return Err(ConfigError::new(
                         "memory",
                         format!("{kib} KiB"),
                         format!(
                             "{}..={} KiB (the domain's maxmem)",
                             shared_abi::manifest::MIN_MEMORY_KIB,
-                            d.maxmem_kib
+                            max
                         ),
                     )
                     .into());
@@ -471,7 +490,7 @@ impl<P: Platform> Toolstack<P> {
                 wire(&mut self.platform, domid, *b, &info)?;
                 m.devices.push(Device { info, backend: *b });
             }
-            Ok(())
+            self.platform.start(domid)
         })();
         if let Err(e) = wired {
             self.managed.insert(domid, m);
@@ -595,6 +614,15 @@ impl<P: Platform> Toolstack<P> {
         Ok(Reply::Done)
     }
 
+    /// Tear down a domain this toolstack built whatever its policy says (a restart limit was
+    /// reached): destroyed if still there, its xenstore nodes removed, its record dropped.
+    pub fn give_up(&mut self, domid: DomId) -> Result<(), XenError> {
+        match self.teardown(domid) {
+            Err(XenError::ESRCH) => Ok(()),
+            r => r,
+        }
+    }
+
     /// The "domain died" event for `domid` with its `SHUTDOWN_*` reason: apply the policy.
     pub fn domain_died(&mut self, domid: DomId, reason: u32) -> DeathOutcome {
         let Some(m) = self.managed.get(&domid) else {
@@ -647,3 +675,171 @@ fn wire<P: Platform>(
 
 #[cfg(test)]
 mod tests;
+
+/// The platform hooks the real control domain relies on: `start` after wiring, `ENOSYS` as
+/// `Unsupported`.
+#[cfg(test)]
+mod hook_tests {
+    use super::*;
+    use crate::fake::FakePlatform;
+
+    /// The fake, building paused like the real platform; `start` records the entries it
+    /// saw and may fail; console reads and dmesg are not offered.
+    struct Paused {
+        inner: FakePlatform,
+        /// (domid, whether its xenstore name was written before start).
+        started: Vec<(DomId, bool)>,
+        fail_start: Option<XenError>,
+    }
+
+    impl Platform for Paused {
+        fn list(&mut self) -> Result<Vec<HvDomain>, XenError> {
+            self.inner.list()
+        }
+        fn create(&mut self, c: &DomainConfig, k: &[u8]) -> Result<DomId, XenError> {
+            let id = self.inner.create(c, k)?;
+            self.inner.pause(id)?;
+            Ok(id)
+        }
+        fn start(&mut self, id: DomId) -> Result<(), XenError> {
+            let named = self
+                .inner
+                .store
+                .contains_key(&format!("/local/domain/{id}/name"));
+            self.started.push((id, named));
+            match self.fail_start {
+                Some(e) => Err(e),
+                None => self.inner.unpause(id),
+            }
+        }
+        fn destroy(&mut self, id: DomId) -> Result<(), XenError> {
+            self.inner.destroy(id)
+        }
+        fn pause(&mut self, id: DomId) -> Result<(), XenError> {
+            self.inner.pause(id)
+        }
+        fn unpause(&mut self, id: DomId) -> Result<(), XenError> {
+            self.inner.unpause(id)
+        }
+        fn shutdown(&mut self, id: DomId, r: u32) -> Result<(), XenError> {
+            self.inner.shutdown(id, r)
+        }
+        fn set_sched(&mut self, id: DomId, w: u32, c: u32) -> Result<(), XenError> {
+            self.inner.set_sched(id, w, c)
+        }
+        fn set_memory(&mut self, _: DomId, _: u64) -> Result<(), XenError> {
+            Err(XenError::ENOSYS)
+        }
+        fn console_read(&mut self, _: DomId, _: u64, _: usize) -> Result<Chunk, XenError> {
+            Err(XenError::ENOSYS)
+        }
+        fn dmesg(&mut self, _: u64, _: usize) -> Result<Chunk, XenError> {
+            Err(XenError::ENOSYS)
+        }
+        fn xs_introduce(&mut self, id: DomId) -> Result<(), XenError> {
+            self.inner.xs_introduce(id)
+        }
+        fn xs_release(&mut self, id: DomId) -> Result<(), XenError> {
+            self.inner.xs_release(id)
+        }
+        fn xs_write(&mut self, p: &str, v: &str) -> Result<(), XenError> {
+            self.inner.xs_write(p, v)
+        }
+        fn xs_rm(&mut self, p: &str) -> Result<(), XenError> {
+            self.inner.xs_rm(p)
+        }
+    }
+
+    fn ts(fail_start: Option<XenError>) -> Toolstack<Paused> {
+        Toolstack::new(Paused {
+            inner: FakePlatform::with_boot_domains(),
+            started: Vec::new(),
+            fail_start,
+        })
+    }
+
+    fn create(t: &mut Toolstack<Paused>) -> Result<Reply, MgmtError> {
+        t.handle(RequestBody::Create {
+            config: DomainConfig::new("guest", 16384),
+            kernel: b"\x7fELF-kernel".to_vec(),
+        })
+    }
+
+    #[test]
+    fn a_domain_is_started_only_once_its_entries_are_written() {
+        let mut t = ts(None);
+        let Ok(Reply::Created { domid }) = create(&mut t) else {
+            panic!("create failed")
+        };
+        assert_eq!(t.platform.started, [(domid, true)]);
+        let d = t.platform.inner.domains.get(&domid).cloned();
+        assert_eq!(d.map(|d| d.state), Some(RunState::Running));
+    }
+
+    #[test]
+    fn a_failed_start_leaves_nothing_behind() {
+        let mut t = ts(Some(XenError::EINVAL));
+        let r = create(&mut t);
+        assert!(
+            matches!(&r, Err(MgmtError::Hypervisor { errno, .. }) if *errno == XenError::EINVAL.errno()),
+            "{r:?}"
+        );
+        assert!(t.platform.inner.domains.values().all(|d| d.name != "guest"));
+        assert!(
+            t.platform
+                .inner
+                .store
+                .keys()
+                .all(|k| !k.starts_with("/local/domain/4"))
+        );
+        assert!(t.managed_ids().is_empty());
+    }
+
+    #[test]
+    fn give_up_forgets_a_domain_already_gone() {
+        let mut t = ts(None);
+        let Ok(Reply::Created { domid }) = create(&mut t) else {
+            panic!("create failed")
+        };
+        t.platform.inner.domains.remove(&domid);
+        assert_eq!(t.give_up(domid), Ok(()));
+        assert!(t.managed_ids().is_empty());
+        assert!(
+            t.platform
+                .inner
+                .store
+                .keys()
+                .all(|k| !k.starts_with(&format!("/local/domain/{domid}/")))
+        );
+        assert_eq!(
+            t.domain_died(domid, shutdown::CRASH),
+            DeathOutcome::NotManaged
+        );
+    }
+
+    #[test]
+    fn operations_the_platform_lacks_are_unsupported_not_errno() {
+        let mut t = ts(None);
+        for body in [
+            RequestBody::Dmesg { from: 0 },
+            RequestBody::ConsoleRead {
+                dom: DomainRef::Id(1),
+                from: 0,
+            },
+            RequestBody::MemSet {
+                dom: DomainRef::Id(1),
+                kib: 8192,
+            },
+        ] {
+            let r = t.handle(body.clone());
+            assert!(
+                matches!(r, Err(MgmtError::Unsupported(_))),
+                "{body:?}: {r:?}"
+            );
+        }
+        assert!(matches!(
+            hv("pause")(XenError::EPERM),
+            MgmtError::Hypervisor { .. }
+        ));
+    }
+}

@@ -1,6 +1,7 @@
 //! Typed `domctl` calls for a control domain (ctl-dom): list domains, get one's info,
 //! create (`CREATE_DOMAIN`), pause, unpause, destroy, and the boot-domain operations
-//! (`BOOT_DOMAIN_INFO`, `REBUILD_BOOT_DOMAIN`).
+//! (`BOOT_DOMAIN_INFO`, `REBUILD_BOOT_DOMAIN`), console histories (`CONSOLE_READ`: a
+//! domain's console output, the hypervisor's log) and memory limits (`MAX_MEM`).
 //! Every one needs `DOMAIN_CONTROL`; anyone else gets `EPERM`.
 
 use alloc::vec;
@@ -107,6 +108,9 @@ pub struct NewDomain<'a> {
     pub cmdline: &'a str,
     /// Leave it paused (unpause once its xenstore entries are written).
     pub paused: bool,
+    /// Keep it on shutdown for these reasons: `CREATE_PRESERVE_*` bits (its `preserve`
+    /// lifecycle policies).
+    pub preserve: u32,
 }
 
 /// Build a domain at run time through the hypervisor's one builder; its id.
@@ -121,7 +125,8 @@ pub fn create_domain(d: &NewDomain<'_>) -> Result<DomId, XenError> {
         weight: d.weight,
         cap_percent: d.cap_percent,
         capabilities: d.capabilities.bits(),
-        flags: if d.paused { dc::CREATE_PAUSED } else { 0 },
+        flags: if d.paused { dc::CREATE_PAUSED } else { 0 }
+            | (d.preserve & (dc::CREATE_FLAGS & !dc::CREATE_PAUSED)),
         ..CreateDomain::default()
     };
     req.set_name(d.name);
@@ -222,6 +227,62 @@ pub fn set_sched(domid: DomId, weight: u32, cap_percent: u32) -> Result<(), XenE
         pad: 0,
     }
     .encode(&mut b[16..]);
+    call(hc::DOMCTL, [b.as_mut_ptr() as u64, 0, 0, 0, 0]).map(|_| ())
+}
+
+/// What one console-history read gave (`CONSOLE_READ`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HistoryChunk {
+    /// Bytes copied into the buffer.
+    pub len: usize,
+    /// The offset to read from next.
+    pub next: u64,
+    /// Bytes dropped between the asked offset and the oldest byte the hypervisor kept.
+    pub lost: u64,
+}
+
+/// `CONSOLE_READ` of `domid`'s console history (or [`shared_abi::domid::DOMID_XEN`]: the
+/// hypervisor's log) from offset `from` into `buf` (at most [`dc::CONSOLE_READ_MAX`]
+/// bytes). Never waits; 0 bytes when nothing is new.
+pub fn console_read(domid: DomId, from: u64, buf: &mut [u8]) -> Result<HistoryChunk, XenError> {
+    let len = buf.len().min(dc::CONSOLE_READ_MAX as usize);
+    let mut b = header(dc::CONSOLE_READ, domid);
+    dc::ConsoleRead {
+        from,
+        buffer: buf.as_mut_ptr() as u64,
+        len: len as u32,
+        ..dc::ConsoleRead::default()
+    }
+    .encode(&mut b[16..]);
+    let n = call(hc::DOMCTL, [b.as_mut_ptr() as u64, 0, 0, 0, 0])?;
+    let out = dc::ConsoleRead::decode(&b[16..]).ok_or(XenError::EIO)?;
+    // Never more than asked, and an offset that moved by exactly the count: anything else
+    // is refused, not trusted.
+    let n = usize::try_from(n)
+        .ok()
+        .filter(|&n| n <= len && out.done as usize == n)
+        .ok_or(XenError::EIO)?;
+    let start = from.checked_add(out.lost).ok_or(XenError::EIO)?;
+    if start.checked_add(n as u64) != Some(out.next) {
+        return Err(XenError::EIO);
+    }
+    Ok(HistoryChunk {
+        len: n,
+        next: out.next,
+        lost: out.lost,
+    })
+}
+
+/// The hypervisor's log (dmesg) from offset `from`: [`console_read`] of `DOMID_XEN`.
+pub fn dmesg_read(from: u64, buf: &mut [u8]) -> Result<HistoryChunk, XenError> {
+    console_read(shared_abi::domid::DOMID_XEN, from, buf)
+}
+
+/// `XEN_DOMCTL_max_mem`: set `domid`'s memory limit to `kib` KiB. As in Xen, a limit below
+/// what it holds takes nothing away (it gets no new page until it gives some back).
+pub fn set_max_mem(domid: DomId, kib: u64) -> Result<(), XenError> {
+    let mut b = header(dc::MAX_MEM, domid);
+    dc::MaxMem { max_memkb: kib }.encode(&mut b[16..]);
     call(hc::DOMCTL, [b.as_mut_ptr() as u64, 0, 0, 0, 0]).map(|_| ())
 }
 
@@ -367,6 +428,95 @@ mod mgmt_tests {
         assert_eq!(&buf[..5], b"hello");
         assert_eq!((w, w_big, r_big), (Ok(3), Ok(3), Ok(5)));
         assert_eq!((s, s_bad), (Ok(()), Err(XenError::EINVAL)));
+        assert_eq!(lie, Err(XenError::EIO));
+    }
+}
+
+#[cfg(test)]
+mod history_tests {
+    use super::*;
+    use crate::hypercall::MOCK;
+
+    /// Domain 5's history is "hello" with 3 bytes lost before it; dmesg is "log"; max_mem
+    /// accepted for domain 5 only.
+    fn fake(nr: u64, a: [u64; 5]) -> i64 {
+        if nr != hc::DOMCTL {
+            return XenError::ENOSYS.as_ret();
+        }
+        // SAFETY: the wrappers pass a live DOMCTL_LEN buffer and a live data buffer of `len`.
+        unsafe {
+            let b = core::slice::from_raw_parts_mut(a[0] as *mut u8, dc::DOMCTL_LEN);
+            let h = DomctlHeader::decode(b).unwrap();
+            match h.cmd {
+                dc::CONSOLE_READ => {
+                    let mut r = dc::ConsoleRead::decode(&b[16..]).unwrap();
+                    assert!(r.len <= dc::CONSOLE_READ_MAX);
+                    let text: &[u8] = match h.domain {
+                        5 => b"hello",
+                        shared_abi::domid::DOMID_XEN => b"log",
+                        _ => return XenError::ESRCH.as_ret(),
+                    };
+                    let lost = if h.domain == 5 {
+                        3u64.saturating_sub(r.from)
+                    } else {
+                        0
+                    };
+                    let at = (r.from + lost - if h.domain == 5 { 3 } else { 0 }) as usize;
+                    let n = (r.len as usize).min(text.len().saturating_sub(at));
+                    let data = core::slice::from_raw_parts_mut(r.buffer as *mut u8, n);
+                    data.copy_from_slice(&text[at..at + n]);
+                    r.done = n as u32;
+                    r.lost = lost;
+                    r.next = r.from + lost + n as u64;
+                    r.encode(&mut b[16..]);
+                    n as i64
+                }
+                dc::MAX_MEM if h.domain == 5 => {
+                    assert_eq!(dc::MaxMem::decode(&b[16..]).unwrap().max_memkb, 2048);
+                    0
+                }
+                dc::MAX_MEM => XenError::ESRCH.as_ret(),
+                _ => XenError::ENOSYS.as_ret(),
+            }
+        }
+    }
+
+    /// Claims a count that does not match its offsets.
+    fn liar(nr: u64, a: [u64; 5]) -> i64 {
+        let r = fake(nr, a);
+        if r > 0 { r - 1 } else { r }
+    }
+
+    #[test]
+    fn history_reads_decode_and_impossible_answers_are_refused() {
+        let _g = crate::hypercall::TEST_LOCK.lock();
+        *MOCK.lock() = Some(fake);
+        let mut buf = [0u8; 16];
+        let first = console_read(5, 0, &mut buf);
+        let text = buf;
+        let again = console_read(5, 8, &mut buf);
+        let mut big = alloc::vec![0u8; 10_000];
+        let log = dmesg_read(0, &mut big);
+        let unknown = console_read(9, 0, &mut buf);
+        let mm = set_max_mem(5, 2048);
+        let mm_bad = set_max_mem(6, 2048);
+        *MOCK.lock() = Some(liar);
+        let lie = console_read(5, 0, &mut buf);
+        *MOCK.lock() = None;
+        assert_eq!(
+            first,
+            Ok(HistoryChunk {
+                len: 5,
+                next: 8,
+                lost: 3
+            })
+        );
+        assert_eq!(&text[..5], b"hello");
+        assert_eq!(again.map(|c| (c.len, c.next)), Ok((0, 8)));
+        assert_eq!(log.map(|c| c.len), Ok(3));
+        assert_eq!(&big[..3], b"log");
+        assert_eq!(unknown, Err(XenError::ESRCH));
+        assert_eq!((mm, mm_bad), (Ok(()), Err(XenError::ESRCH)));
         assert_eq!(lie, Err(XenError::EIO));
     }
 }

@@ -222,12 +222,26 @@ mod events {
         sel.swap(0, Ordering::AcqRel);
         take_pending(words(0x800), words(0xA00), f);
     }
+
+    pub fn clear_pending(port: u32) {
+        if let Some(w) = words(0x800).get(port as usize / 64) {
+            w.fetch_and(!(1u64 << (port % 64)), Ordering::AcqRel);
+        }
+    }
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "none")))]
 mod events {
     /// Host stand-in: no event channels.
     pub fn take(_f: impl FnMut(u32)) {}
+
+    pub fn clear_pending(_port: u32) {}
+}
+
+/// Clear `port`'s pending bit in shared_info, leaving every other port's alone: for loops
+/// that poll their own ports (`SCHEDOP_poll`) and then serve everything.
+pub fn clear_pending(port: u32) {
+    events::clear_pending(port);
 }
 
 #[cfg(test)]

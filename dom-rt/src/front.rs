@@ -17,7 +17,7 @@ use shared_abi::DomId;
 use shared_abi::event_channel::EvtchnPort;
 use shared_abi::grant_table::GrantRef;
 use shared_abi::ring::SharedRingMem;
-use shared_abi::xenbus::{Store, StoreError};
+use shared_abi::xenbus::{Store, StoreError, XenbusState, path, read_state};
 
 pub use crate::blkfront::BlkError;
 #[cfg(all(target_arch = "x86_64", target_os = "none"))]
@@ -79,4 +79,38 @@ pub trait XsStore: Store {
     /// Block until something in the store may have changed (bounded; spurious returns are
     /// allowed: callers re-read).
     fn wait(&mut self);
+}
+
+/// Wait (bounded by `rounds` store waits) until the backend's state satisfies `done`;
+/// `waiting_for` names the state in a timeout. A backend closing while a frontend waits for
+/// Connected has refused the device.
+pub(crate) fn wait_backend<S: XsStore>(
+    store: &mut S,
+    backend: &str,
+    rounds: u32,
+    waiting_for: &'static str,
+    done: impl Fn(XenbusState) -> bool,
+) -> Result<XenbusState, BlkError> {
+    for _ in 0..=rounds {
+        // A backend directory still being created (or not yet readable) is not ready yet.
+        let st = read_state(store, backend).unwrap_or(XenbusState::Unknown);
+        if done(st) {
+            return Ok(st);
+        }
+        if matches!(st, XenbusState::Closing | XenbusState::Closed) && waiting_for == "Connected" {
+            return Err(BlkError::BackendClosed);
+        }
+        store.wait();
+    }
+    Err(BlkError::Timeout { waiting_for })
+}
+
+/// Write a frontend's `state`.
+pub(crate) fn set_state<S: XsStore>(
+    store: &mut S,
+    dir: &str,
+    st: XenbusState,
+) -> Result<(), BlkError> {
+    store.write(&path(dir, "state"), st.as_str())?;
+    Ok(())
 }

@@ -16,6 +16,9 @@ use shared_abi::mgmt::{
     self, FrameDecoder, FrameError, MgmtError, Reply, Request, RequestBody, UNATTRIBUTED_ID,
 };
 
+/// Bytes written between two progress reports.
+pub const PROGRESS_CHUNK: usize = 4096;
+
 /// Why a call did not get an answer from ctl-dom.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -64,10 +67,25 @@ impl Client {
 
     /// Send one request and wait for its answer.
     pub fn call(&mut self, body: RequestBody) -> Result<Reply, ClientError> {
+        self.call_with_progress(body, &mut |_, _| {})
+    }
+
+    /// [`Client::call`], telling `progress(sent, total)` how much of the frame has been
+    /// handed to the channel, in [`PROGRESS_CHUNK`] steps (long transfers: a kernel).
+    pub fn call_with_progress(
+        &mut self,
+        body: RequestBody,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Reply, ClientError> {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
         let frame = mgmt::encode_request(&Request { id, body }).map_err(ClientError::Protocol)?;
-        self.stream.write_all(&frame)?;
+        let mut sent = 0;
+        for chunk in frame.chunks(PROGRESS_CHUNK) {
+            self.stream.write_all(chunk)?;
+            sent += chunk.len();
+            progress(sent, frame.len());
+        }
         self.stream.flush()?;
         let deadline = Instant::now() + self.timeout;
         let mut buf = [0u8; 4096];

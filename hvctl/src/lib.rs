@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod config;
+pub mod elf;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -203,7 +204,7 @@ pub fn connect_socket(
 
 /// Run one command; writes results to `out` and returns the exit status (errors go to `err`).
 pub fn run(cli: Cli, connect: &mut Connect<'_>, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
-    match execute(cli, connect, out) {
+    match execute(cli, connect, out, err) {
         Ok(()) => exit::OK,
         Err(f) => {
             let _ = writeln!(err, "hvctl: {}", f.message);
@@ -216,19 +217,32 @@ fn dom(s: &str) -> DomainRef {
     DomainRef::parse(s)
 }
 
-fn execute(cli: Cli, connect: &mut Connect<'_>, out: &mut dyn Write) -> Result<(), Failure> {
+fn execute(
+    cli: Cli,
+    connect: &mut Connect<'_>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<(), Failure> {
     let json = cli.json;
     let timeout = Duration::from_secs(cli.timeout.max(1));
     // Local checks first: a bad config or argument never reaches the system.
     let body = match &cli.cmd {
         Cmd::Create { config, dry_run } => {
             let loaded = config::load(config).map_err(|e| Failure::usage(e.to_string()))?;
+            // Only what the builder loads travels (the serial line is slow).
+            let kernel = elf::loadable(&loaded.kernel).map_err(|e| {
+                Failure::from(ConfigError::new(
+                    "kernel",
+                    loaded.kernel_path.display().to_string(),
+                    format!("a static x86-64 ELF executable ({e})"),
+                ))
+            })?;
             if *dry_run {
                 return print_config(out, &loaded.config, json);
             }
             Some(RequestBody::Create {
                 config: loaded.config,
-                kernel: loaded.kernel,
+                kernel,
             })
         }
         Cmd::MemSet { domain, memory } => Some(RequestBody::MemSet {
@@ -256,7 +270,25 @@ fn execute(cli: Cli, connect: &mut Connect<'_>, out: &mut dyn Write) -> Result<(
             r => Err(unexpected(&r)),
         },
         Cmd::Create { .. } => {
-            match c.call(body.ok_or_else(|| Failure::usage("internal: no request"))?)? {
+            let body = body.ok_or_else(|| Failure::usage("internal: no request"))?;
+            let mut last = 0;
+            let mut progress = |sent: usize, total: usize| {
+                // Long transfers only; one line, redrawn at most every 5%.
+                if total < PROGRESS_MIN || (sent - last < total / 20 && sent != total) {
+                    return;
+                }
+                last = sent;
+                let _ = write!(
+                    err,
+                    "\rhvctl: sending the kernel: {} of {} KiB",
+                    sent / 1024,
+                    total / 1024
+                );
+                if sent == total {
+                    let _ = writeln!(err, "; building");
+                }
+            };
+            match c.call_with_progress(body, &mut progress)? {
                 Reply::Created { domid } => {
                     if json {
                         writeln!(out, "{}", json!({ "domid": domid }))?;
@@ -590,6 +622,9 @@ fn print_config(out: &mut dyn Write, c: &DomainConfig, json: bool) -> Result<(),
     }
     Ok(())
 }
+
+/// Requests smaller than this go without a progress line.
+const PROGRESS_MIN: usize = 64 * 1024;
 
 /// Poll interval while following a console.
 const CONSOLE_POLL: Duration = Duration::from_millis(100);

@@ -53,9 +53,32 @@ fn hv(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The smallest x86-64 executable hvctl sends: a header, one PT_LOAD of 4 bytes, and a
+/// trailing "section" that stripping drops.
+fn tiny_elf() -> Vec<u8> {
+    let mut b = vec![0u8; 64 + 56];
+    b[..4].copy_from_slice(b"\x7fELF");
+    (b[4], b[5], b[6]) = (2, 1, 1);
+    b[16..18].copy_from_slice(&2u16.to_le_bytes());
+    b[18..20].copy_from_slice(&62u16.to_le_bytes());
+    b[24..32].copy_from_slice(&0x40_0000u64.to_le_bytes());
+    b[32..40].copy_from_slice(&64u64.to_le_bytes());
+    b[54..56].copy_from_slice(&56u16.to_le_bytes());
+    b[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let p = 64;
+    b[p..p + 4].copy_from_slice(&1u32.to_le_bytes());
+    b[p + 8..p + 16].copy_from_slice(&120u64.to_le_bytes());
+    b[p + 16..p + 24].copy_from_slice(&0x40_0000u64.to_le_bytes());
+    b[p + 32..p + 40].copy_from_slice(&4u64.to_le_bytes());
+    b[p + 40..p + 48].copy_from_slice(&4u64.to_le_bytes());
+    b.extend_from_slice(&[0x90, 0x90, 0xeb, 0xfe]);
+    b.extend_from_slice(&[0xee; 512]);
+    b
+}
+
 fn config_dir(body: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("g.elf"), b"\x7fELF kernel").unwrap();
+    std::fs::write(dir.path().join("g.elf"), tiny_elf()).unwrap();
     std::fs::write(
         dir.path().join("g.toml"),
         format!("name = \"guest\"\nkernel = \"g.elf\"\nmemory = 32\n{body}"),
@@ -108,6 +131,58 @@ fn bad_config_exits_2_naming_the_field_and_sends_nothing() {
     assert_eq!(st, exit::USAGE);
     assert!(
         err.contains("vcpus") && err.contains("64") && err.contains("1..=32"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_long_kernel_transfer_shows_progress_and_sends_only_the_loadable_bytes() {
+    let dir = config_dir("");
+    // One 200 KiB PT_LOAD, then 1 MiB of "debug sections" that must not travel.
+    let mut k = tiny_elf();
+    k.truncate(64 + 56);
+    let seg = 200 * 1024u64;
+    k[64 + 32..64 + 40].copy_from_slice(&seg.to_le_bytes());
+    k[64 + 40..64 + 48].copy_from_slice(&seg.to_le_bytes());
+    k.extend(std::iter::repeat_n(0x90, seg as usize));
+    k.extend(std::iter::repeat_n(0xee, 1 << 20));
+    std::fs::write(dir.path().join("g.elf"), &k).unwrap();
+    let cfg = dir.path().join("g.toml");
+    let (st, out, err) = hv(&["create", cfg.to_str().unwrap()]);
+    assert_eq!(st, exit::OK, "{err}");
+    assert!(out.contains("created domain"), "{out}");
+    assert!(
+        err.contains("sending the kernel") && err.contains("building"),
+        "{err}"
+    );
+    // The last progress report names the whole frame: the segment and headers, not the file.
+    let total: usize = err
+        .rsplit(" of ")
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!((200..260).contains(&total), "{total} KiB sent: {err}");
+}
+
+#[test]
+fn a_kernel_that_is_not_a_loadable_elf_exits_2_and_sends_nothing() {
+    let dir = config_dir("");
+    // ELF magic, then nonsense: the program header table points outside the file.
+    let mut k = tiny_elf();
+    k[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(dir.path().join("g.elf"), k).unwrap();
+    let cfg = dir.path().join("g.toml");
+    let cli = Cli::try_parse_from(["hvctl", "create", cfg.to_str().unwrap()]).unwrap();
+    let mut connect = |_: Option<&std::path::Path>, _: Duration| -> Result<Client, ClientError> {
+        panic!("a bad kernel must not reach the system")
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let st = run(cli, &mut connect, &mut out, &mut err);
+    let err = String::from_utf8(err).unwrap();
+    assert_eq!(st, exit::USAGE);
+    assert!(
+        err.contains("kernel") && err.contains("program header table"),
         "{err}"
     );
 }

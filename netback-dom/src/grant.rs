@@ -28,10 +28,22 @@ pub trait GrantCopier {
     fn copy(&mut self, ops: &mut [GnttabCopy], pool: &mut PagePool) -> Result<(), GntStatus>;
 }
 
+/// One page-aligned page of memory: a pool page is exactly one frame of the domain, so an
+/// element at offset `o` of the page is at offset `o` of the frame the hypervisor copies.
+#[repr(C, align(4096))]
+pub struct Page(pub [u8; PAGE_SIZE]);
+
+impl Page {
+    /// A zeroed page on the heap.
+    pub fn zeroed() -> Box<Page> {
+        Box::new(Page([0; PAGE_SIZE]))
+    }
+}
+
 /// Backend-local pages that grant copies fill (tx) or drain (rx), each with the frame number
 /// the hypervisor knows it by. Seen as one byte arena: byte `i` is at page `i / 4096`.
 pub struct PagePool {
-    pages: Vec<Box<[u8; PAGE_SIZE]>>,
+    pages: Vec<Box<Page>>,
     gfns: Vec<u64>,
     by_gfn: BTreeMap<u64, usize>,
 }
@@ -54,8 +66,20 @@ pub enum PoolError {
 }
 
 impl PagePool {
+    /// `n` zeroed pages from the heap, each named by `frame_of` (in a Bulkhead domain: its
+    /// address `>> 12`, auto-translated frame numbers).
+    pub fn allocate(n: usize, frame_of: impl Fn(&Page) -> u64) -> Result<Self, PoolError> {
+        let pages = (0..n)
+            .map(|_| {
+                let p = Page::zeroed();
+                (frame_of(&p), p)
+            })
+            .collect();
+        PagePool::new(pages)
+    }
+
     /// A pool over pages the domain allocated, each with its frame number.
-    pub fn new(pages: Vec<(u64, Box<[u8; PAGE_SIZE]>)>) -> Result<Self, PoolError> {
+    pub fn new(pages: Vec<(u64, Box<Page>)>) -> Result<Self, PoolError> {
         let mut pool = PagePool {
             pages: Vec::with_capacity(pages.len()),
             gfns: Vec::with_capacity(pages.len()),
@@ -75,7 +99,7 @@ impl PagePool {
     /// (host use: only a fake copier resolves them).
     pub fn with_fake_frames(n: usize, first_gfn: u64) -> Self {
         let pages = (0..n)
-            .map(|i| (first_gfn + i as u64, Box::new([0u8; PAGE_SIZE])))
+            .map(|i| (first_gfn + i as u64, Page::zeroed()))
             .collect();
         // Consecutive numbers are distinct, so this cannot fail.
         PagePool::new(pages).unwrap_or(PagePool {
@@ -103,13 +127,13 @@ impl PagePool {
     /// The page known by frame `gfn`.
     pub fn page_by_gfn(&self, gfn: u64) -> Option<&[u8; PAGE_SIZE]> {
         let i = *self.by_gfn.get(&gfn)?;
-        self.pages.get(i).map(|p| &**p)
+        self.pages.get(i).map(|p| &p.0)
     }
 
     /// The page known by frame `gfn`, writable.
     pub fn page_by_gfn_mut(&mut self, gfn: u64) -> Option<&mut [u8; PAGE_SIZE]> {
         let i = *self.by_gfn.get(&gfn)?;
-        self.pages.get_mut(i).map(|p| &mut **p)
+        self.pages.get_mut(i).map(|p| &mut p.0)
     }
 
     /// Append arena bytes `range` to `out`; false (nothing appended) if out of the arena.
@@ -121,7 +145,7 @@ impl PagePool {
         while pos < range.end {
             let (page, off) = (pos / PAGE_SIZE, pos % PAGE_SIZE);
             let n = (PAGE_SIZE - off).min(range.end - pos);
-            out.extend_from_slice(&self.pages[page][off..off + n]);
+            out.extend_from_slice(&self.pages[page].0[off..off + n]);
             pos += n;
         }
         true
@@ -140,7 +164,7 @@ impl PagePool {
         while !rest.is_empty() {
             let (page, off) = (pos / PAGE_SIZE, pos % PAGE_SIZE);
             let n = (PAGE_SIZE - off).min(rest.len());
-            self.pages[page][off..off + n].copy_from_slice(&rest[..n]);
+            self.pages[page].0[off..off + n].copy_from_slice(&rest[..n]);
             rest = &rest[n..];
             pos += n;
         }
@@ -345,6 +369,17 @@ mod tests {
     }
 
     #[test]
+    fn allocated_pages_are_page_aligned_and_named_by_address() {
+        let pool = PagePool::allocate(3, |p| p as *const Page as u64 >> 12).unwrap();
+        assert_eq!(pool.pages(), 3);
+        for i in 0..3 {
+            let gfn = pool.gfn(i).unwrap();
+            let page = pool.page_by_gfn(gfn).unwrap();
+            assert_eq!(page.as_ptr() as u64, gfn << 12);
+        }
+    }
+
+    #[test]
     fn pool_arena_reads_and_writes_across_pages() {
         let mut pool = PagePool::with_fake_frames(2, 0);
         let data: Vec<u8> = (0..100u8).collect();
@@ -355,11 +390,7 @@ mod tests {
         assert!(!pool.write_at(8190, &data));
         assert!(!pool.read_into(8000..8193, &mut out));
         assert_eq!(
-            PagePool::new(alloc::vec![
-                (1, Box::new([0; PAGE_SIZE])),
-                (1, Box::new([0; PAGE_SIZE]))
-            ])
-            .unwrap_err(),
+            PagePool::new(alloc::vec![(1, Page::zeroed()), (1, Page::zeroed())]).unwrap_err(),
             PoolError::DuplicateFrame { gfn: 1 }
         );
     }

@@ -187,6 +187,88 @@ pub fn flow_hash(frame: &[u8]) -> u32 {
     h.finish()
 }
 
+/// Ones-complement sum of `data` (16-bit big-endian words, an odd last byte padded) added to
+/// `acc`, not yet folded.
+fn ones_sum(mut acc: u64, data: &[u8]) -> u64 {
+    let mut words = data.chunks_exact(2);
+    for w in &mut words {
+        acc += u64::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    if let [b] = words.remainder() {
+        acc += u64::from(u16::from_be_bytes([*b, 0]));
+    }
+    acc
+}
+
+fn fold(mut acc: u64) -> u16 {
+    while acc >> 16 != 0 {
+        acc = (acc & 0xFFFF) + (acc >> 16);
+    }
+    acc as u16
+}
+
+/// Fill in the TCP or UDP checksum of an untagged IPv4 (unfragmented) or IPv6 (no extension
+/// headers) frame whose checksum was left blank for offload (`csum_blank`), as a NIC would
+/// before it leaves through a device that does not offload. False, frame untouched, for
+/// anything else or a header that contradicts the frame's length.
+pub fn complete_checksum(frame: &mut [u8]) -> bool {
+    const TCP: u8 = 6;
+    const UDP: u8 = 17;
+    let Some(et) = ethertype_of(frame) else {
+        return false;
+    };
+    let l3 = ETH_HLEN;
+    let (proto, l4, l4_len, pseudo) = match et {
+        ethertype::IPV4 => {
+            let Some(h) = frame.get(l3..l3 + 20) else {
+                return false;
+            };
+            let ihl = usize::from(h[0] & 0xF) * 4;
+            let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+            let frag = u16::from_be_bytes([h[6], h[7]]);
+            // MF set or a fragment offset: the L4 header is not (all) here.
+            if h[0] >> 4 != 4 || ihl < 20 || total < ihl || frag & 0x3FFF != 0 {
+                return false;
+            }
+            if l3 + total > frame.len() {
+                return false;
+            }
+            let proto = h[9];
+            let len = total - ihl;
+            let mut acc = ones_sum(0, &h[12..20]);
+            acc += u64::from(proto) + len as u64;
+            (proto, l3 + ihl, len, acc)
+        }
+        ethertype::IPV6 => {
+            let Some(h) = frame.get(l3..l3 + 40) else {
+                return false;
+            };
+            let len = usize::from(u16::from_be_bytes([h[4], h[5]]));
+            if h[0] >> 4 != 6 || l3 + 40 + len > frame.len() {
+                return false;
+            }
+            let proto = h[6];
+            let mut acc = ones_sum(0, &h[8..40]);
+            acc += u64::from(proto) + len as u64;
+            (proto, l3 + 40, len, acc)
+        }
+        _ => return false,
+    };
+    let at = match proto {
+        TCP if l4_len >= 20 => 16,
+        UDP if l4_len >= 8 => 6,
+        _ => return false,
+    };
+    let seg = &mut frame[l4..l4 + l4_len];
+    seg[at..at + 2].copy_from_slice(&[0, 0]);
+    let mut c = !fold(ones_sum(pseudo, seg));
+    if proto == UDP && c == 0 {
+        c = 0xFFFF;
+    }
+    seg[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    true
+}
+
 /// FNV-1a with a final avalanche; small, deterministic, no allocation.
 struct FlowHasher(u64);
 
@@ -211,6 +293,90 @@ impl FlowHasher {
 
 #[cfg(test)]
 mod tests {
+    /// A frame's L4 checksum verifies: the sum over pseudo-header and segment folds to 0xFFFF.
+    fn verifies(f: &[u8]) -> bool {
+        let (pseudo, seg) = if ethertype_of(f) == Some(ethertype::IPV4) {
+            let ihl = usize::from(f[14] & 0xF) * 4;
+            let total = usize::from(u16::from_be_bytes([f[16], f[17]]));
+            let seg = &f[14 + ihl..14 + total];
+            (
+                ones_sum(0, &f[26..34]) + u64::from(f[23]) + seg.len() as u64,
+                seg,
+            )
+        } else {
+            let len = usize::from(u16::from_be_bytes([f[18], f[19]]));
+            let seg = &f[54..54 + len];
+            (ones_sum(0, &f[22..54]) + u64::from(f[20]) + len as u64, seg)
+        };
+        fold(ones_sum(pseudo, seg)) == 0xFFFF
+    }
+
+    fn ipv4(proto: u8, l4: &[u8], frag: u16) -> alloc::vec::Vec<u8> {
+        let mut f = alloc::vec![0u8; 14];
+        f[12..14].copy_from_slice(&ethertype::IPV4.to_be_bytes());
+        let total = (20 + l4.len()) as u16;
+        f.extend_from_slice(&[0x45, 0, 0, 0, 0, 1]);
+        f.extend_from_slice(&frag.to_be_bytes());
+        f.extend_from_slice(&[64, proto, 0, 0, 10, 0, 0, 3, 10, 0, 2, 2]);
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        f.extend_from_slice(l4);
+        f.extend_from_slice(&[0xAA; 6]); // Ethernet padding past the IP datagram
+        f
+    }
+
+    #[test]
+    fn blank_checksums_are_completed_for_tcp_and_udp_over_ipv4_and_ipv6() {
+        // RFC 1071's example words inside a UDP payload; odd length on purpose.
+        let mut udp = alloc::vec![0x30, 0x39, 0x00, 0x35, 0, 13, 0, 0];
+        udp.extend_from_slice(&[0x00, 0x01, 0xf2, 0x03, 0xf4]);
+        let mut f = ipv4(17, &udp, 0x4000);
+        assert!(complete_checksum(&mut f));
+        assert!(verifies(&f));
+        let good = f.clone();
+        f[40] ^= 0xFF; // garbage in the blank field is ignored
+        assert!(complete_checksum(&mut f));
+        assert_eq!(f, good);
+        let mut tcp = alloc::vec![0u8; 20];
+        tcp[12] = 0x50;
+        tcp.extend_from_slice(b"hello, world");
+        let mut f = ipv4(6, &tcp, 0);
+        assert!(complete_checksum(&mut f));
+        assert!(verifies(&f));
+        // IPv6 + TCP.
+        let mut f = alloc::vec![0u8; 14];
+        f[12..14].copy_from_slice(&ethertype::IPV6.to_be_bytes());
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
+        f.extend_from_slice(&[6, 64]);
+        f.extend_from_slice(&[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        f.extend_from_slice(&[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        f.extend_from_slice(&tcp);
+        assert!(complete_checksum(&mut f));
+        assert!(verifies(&f));
+    }
+
+    #[test]
+    fn checksum_completion_refuses_what_it_cannot_parse() {
+        let udp = [0u8; 8];
+        for mut f in [
+            ipv4(17, &udp, 0x2000), // MF: a fragment
+            ipv4(17, &udp, 0x0001), // a later fragment
+            ipv4(1, &udp, 0),       // ICMP
+            ipv4(17, &udp[..4], 0), // UDP header cut short
+            alloc::vec![0u8; 13],   // no Ethernet header
+        ] {
+            let before = f.clone();
+            assert!(!complete_checksum(&mut f));
+            assert_eq!(f, before);
+        }
+        let mut f = ipv4(17, &udp, 0);
+        f[16..18].copy_from_slice(&100u16.to_be_bytes()); // longer than the frame
+        assert!(!complete_checksum(&mut f));
+        let mut f = ipv4(17, &udp, 0);
+        f[14] = 0x44; // IHL 16 bytes
+        assert!(!complete_checksum(&mut f));
+    }
+
     use super::*;
     use alloc::string::ToString;
 

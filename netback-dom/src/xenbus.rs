@@ -93,6 +93,9 @@ pub struct Connection {
     pub mac: MacAddr,
     /// `rate` = bytes per interval of usec (backend directory, optional).
     pub rate: Option<(u64, u64)>,
+    /// `ip` (backend directory, optional): the IPv4 addresses the vif may send from, libxl's
+    /// space-separated list. `None`: any source address (only the MAC is policed).
+    pub ipv4: Option<Vec<[u8; 4]>>,
     /// `mtu` (frontend directory, optional).
     pub mtu: Option<u32>,
 }
@@ -351,6 +354,19 @@ impl NetbackXenbus {
                 }
             }
         };
+        let ipv4 = match store.read(&path(be, "ip"))? {
+            None => None,
+            Some(v) => match parse_ipv4_list(&v) {
+                Some(l) => Some(l),
+                None => {
+                    return Err(XenbusError::invalid(
+                        path(be, "ip"),
+                        &v,
+                        "space-separated dotted-quad IPv4 addresses",
+                    ));
+                }
+            },
+        };
         let mtu = read_u64_in(store, &fe, "mtu", 68..=65_535 - 14)?.map(|v| v as u32);
         Ok(Connection {
             frontend_id: self.dev.frontend_id(),
@@ -363,7 +379,61 @@ impl NetbackXenbus {
             multicast_control: mcast && f.multicast_control,
             mac,
             rate,
+            ipv4,
             mtu,
         })
+    }
+}
+
+/// One dotted-quad IPv4 address, strictly: four decimal octets 0..=255, no signs, no
+/// leading zeros beyond a lone `0`.
+pub fn parse_ipv4(s: &str) -> Option<[u8; 4]> {
+    let mut out = [0u8; 4];
+    let mut parts = s.split('.');
+    for o in out.iter_mut() {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 3 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        if p.len() > 1 && p.starts_with('0') {
+            return None;
+        }
+        *o = p.parse().ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// libxl's `ip` value: one or more addresses separated by spaces; `None` if empty or any is
+/// malformed.
+pub fn parse_ipv4_list(s: &str) -> Option<Vec<[u8; 4]>> {
+    let l: Option<Vec<[u8; 4]>> = s.split_whitespace().map(parse_ipv4).collect();
+    l.filter(|l| !l.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_lists_are_parsed_strictly() {
+        assert_eq!(parse_ipv4("10.0.2.15"), Some([10, 0, 2, 15]));
+        assert_eq!(
+            parse_ipv4_list("10.0.0.2 192.168.1.255"),
+            Some(alloc::vec![[10, 0, 0, 2], [192, 168, 1, 255]])
+        );
+        for bad in [
+            "",
+            " ",
+            "10.0.0",
+            "10.0.0.2.1",
+            "256.0.0.1",
+            "+1.0.0.1",
+            "01.0.0.1",
+            "a.b.c.d",
+            "10..0.1",
+            "10.0.0.2,10.0.0.3",
+        ] {
+            assert_eq!(parse_ipv4_list(bad), None, "{bad:?}");
+        }
     }
 }

@@ -122,6 +122,7 @@ fn frontend_connected_yields_validated_rings_and_features() {
     assert!(!c.multicast_control);
     assert_eq!(c.mac, MacAddr::parse("00:16:3e:12:34:56").unwrap());
     assert_eq!(c.rate, None);
+    assert_eq!(c.ipv4, None);
     // Still InitWait until the caller has mapped the rings.
     assert_eq!(dev.state(), XenbusState::InitWait);
 
@@ -151,6 +152,7 @@ fn multi_queue_split_channels_and_rate_are_read() {
             .unwrap();
     }
     s.write(&format!("{BE}/rate"), "125000,20000").unwrap();
+    s.write(&format!("{BE}/ip"), "10.0.0.2 10.0.0.3").unwrap();
     s.write(&format!("{FE}/mtu"), "9000").unwrap();
 
     let Action::Connect(c) = dev.frontend_changed(&mut s).unwrap() else {
@@ -161,6 +163,7 @@ fn multi_queue_split_channels_and_rate_are_read() {
     assert_eq!(c.queues[1].tx_ring_ref, 101);
     assert_eq!(c.queues[1].event, EventChannels::Split { tx: 11, rx: 21 });
     assert_eq!(c.rate, Some((125_000, 20_000)));
+    assert_eq!(c.ipv4, Some(vec![[10, 0, 0, 2], [10, 0, 0, 3]]));
     assert_eq!(c.mtu, Some(9000));
 }
 
@@ -221,6 +224,8 @@ fn every_bad_frontend_value_fails_the_connect_naming_its_key() {
     );
     assert_connect_fails(|s| s.write(&format!("{BE}/rate"), "100").unwrap(), "rate");
     assert_connect_fails(|s| s.write(&format!("{BE}/rate"), "100,0").unwrap(), "rate");
+    assert_connect_fails(|s| s.write(&format!("{BE}/ip"), "10.0.0").unwrap(), "ip");
+    assert_connect_fails(|s| s.write(&format!("{BE}/ip"), "").unwrap(), "ip");
 }
 
 #[test]

@@ -261,6 +261,20 @@ wire_struct!(
 
 /// The `domctl` subset Bulkhead implements.
 pub mod domctl {
+    /// A NUL-padded 32-byte name field as text (up to the first NUL); `None` if not UTF-8.
+    pub fn fixed_name(field: &[u8; 32]) -> Option<&str> {
+        let end = field.iter().position(|&b| b == 0).unwrap_or(32);
+        core::str::from_utf8(&field[..end]).ok()
+    }
+
+    /// `name` as a NUL-padded 32-byte field (at most 32 bytes are kept).
+    pub fn to_fixed_name(name: &str) -> [u8; 32] {
+        let mut f = [0u8; 32];
+        let n = name.len().min(32);
+        f[..n].copy_from_slice(&name.as_bytes()[..n]);
+        f
+    }
+
     use super::{Rd, Wire, Wr};
     use crate::{DomId, assert_layout};
 
@@ -410,8 +424,7 @@ pub mod domctl {
     impl DomainInfo {
         /// The name as text (up to the first NUL).
         pub fn name(&self) -> &str {
-            let end = self.name.iter().position(|&b| b == 0).unwrap_or(32);
-            core::str::from_utf8(&self.name[..end]).unwrap_or("")
+            fixed_name(&self.name).unwrap_or("")
         }
     }
 
@@ -578,15 +591,12 @@ pub mod domctl {
     impl BootDomain {
         /// The name as text (up to the first NUL); `None` if not UTF-8.
         pub fn name(&self) -> Option<&str> {
-            let end = self.name.iter().position(|&b| b == 0).unwrap_or(32);
-            core::str::from_utf8(&self.name[..end]).ok()
+            fixed_name(&self.name)
         }
 
         /// Set the name (at most 32 bytes are kept).
         pub fn set_name(&mut self, name: &str) {
-            self.name = [0; 32];
-            let n = name.len().min(32);
-            self.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+            self.name = to_fixed_name(name);
         }
     }
 
@@ -603,6 +613,18 @@ pub mod domctl {
     /// [`CreateDomain::flags`]: leave the domain paused (the toolstack unpauses it once its
     /// xenstore entries are written, as `xl create` does).
     pub const CREATE_PAUSED: u32 = 1;
+    /// [`CreateDomain::flags`]: keep the domain (shut down, memory and console history kept,
+    /// not scheduled) when it powers off (`SHUTDOWN_poweroff`), for inspection until a
+    /// `DESTROYDOMAIN` — xl's `on_poweroff = "preserve"`.
+    pub const CREATE_PRESERVE_POWEROFF: u32 = 1 << 1;
+    /// Likewise when it reboots (`SHUTDOWN_reboot`): `on_reboot = "preserve"`.
+    pub const CREATE_PRESERVE_REBOOT: u32 = 1 << 2;
+    /// Likewise for every other reason (crash, suspend, watchdog): `on_crash = "preserve"`.
+    /// A CPU fault still frees the domain at once, as for boot domains.
+    pub const CREATE_PRESERVE_CRASH: u32 = 1 << 3;
+    /// Every flag `CREATE_DOMAIN` knows; any other bit is `-EINVAL`.
+    pub const CREATE_FLAGS: u32 =
+        CREATE_PAUSED | CREATE_PRESERVE_POWEROFF | CREATE_PRESERVE_REBOOT | CREATE_PRESERVE_CRASH;
 
     /// `CREATE_DOMAIN` payload.
     #[repr(C)]
@@ -709,18 +731,92 @@ pub mod domctl {
         }
     );
 
+    /// `XEN_DOMCTL_max_mem` (Xen's number and payload, [`MaxMem`]): set the target domain's
+    /// memory limit to `max_memkb` KiB (rounded down to pages). As in Xen, a limit below what
+    /// the domain holds takes nothing away: it only refuses new allocations until the domain
+    /// gives pages back. Needs `DOMAIN_CONTROL`; no such (live) domain: `-ESRCH`; a limit
+    /// over `manifest::MAX_MEMORY_KIB`: `-EINVAL` (Bulkhead's bound; Xen clamps).
+    pub const MAX_MEM: u32 = 11;
+
+    /// `xen_domctl_max_mem`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct MaxMem {
+        pub max_memkb: u64,
+    }
+    assert_layout!(MaxMem, 8; max_memkb @ 0);
+    wire_struct!(MaxMem, 8, |r| MaxMem { max_memkb: r.u64() }, |s, w| {
+        w.put(&s.max_memkb.to_le_bytes());
+    });
+
+    /// Bulkhead: read a console history: the header's `domain` names the domain whose
+    /// console output (`console_io` writes, sanitised as they appear on the console, without
+    /// the `(name)` prefix) to read, or [`crate::domid::DOMID_XEN`] for the hypervisor's own
+    /// log (dmesg). Payload in/out = [`ConsoleRead`]. Each history is a bounded ring with a
+    /// running byte offset: a read from `from` copies up to `len` bytes (at most
+    /// [`CONSOLE_READ_MAX`]) and answers the count (also in `done`), the offset to continue
+    /// from (`next`) and how many bytes between `from` and the oldest byte kept were
+    /// dropped (`lost`). Never waits. Needs `DOMAIN_CONTROL`; no such domain (or already
+    /// freed): `-ESRCH`; `from` beyond what was ever written, `len` too large, a non-zero
+    /// pad: `-EINVAL`; the buffer not writable: `-EFAULT`.
+    pub const CONSOLE_READ: u32 = 0x4248_0500;
+    /// Most bytes one `CONSOLE_READ` copies.
+    pub const CONSOLE_READ_MAX: u32 = 4096;
+
+    /// `CONSOLE_READ` payload.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct ConsoleRead {
+        /// In: the offset to read from (bytes since the history began).
+        pub from: u64,
+        /// In: the caller's buffer.
+        pub buffer: u64,
+        pub len: u32,
+        pub pad: u32,
+        /// Out: the offset after the bytes copied (the next call's `from`).
+        pub next: u64,
+        /// Out: bytes dropped between `from` and the oldest byte still kept.
+        pub lost: u64,
+        /// Out: bytes copied.
+        pub done: u32,
+        pub pad1: u32,
+    }
+    assert_layout!(ConsoleRead, 48; from @ 0, buffer @ 8, len @ 16, pad @ 20, next @ 24,
+        lost @ 32, done @ 40, pad1 @ 44);
+    wire_struct!(
+        ConsoleRead,
+        48,
+        |r| ConsoleRead {
+            from: r.u64(),
+            buffer: r.u64(),
+            len: r.u32(),
+            pad: r.u32(),
+            next: r.u64(),
+            lost: r.u64(),
+            done: r.u32(),
+            pad1: r.u32()
+        },
+        |s, w| {
+            w.put(&s.from.to_le_bytes());
+            w.put(&s.buffer.to_le_bytes());
+            w.put(&s.len.to_le_bytes());
+            w.put(&s.pad.to_le_bytes());
+            w.put(&s.next.to_le_bytes());
+            w.put(&s.lost.to_le_bytes());
+            w.put(&s.done.to_le_bytes());
+            w.put(&s.pad1.to_le_bytes());
+        }
+    );
+
     impl CreateDomain {
         /// The name as text (up to the first NUL); `None` if not UTF-8.
         pub fn name(&self) -> Option<&str> {
-            let end = self.name.iter().position(|&b| b == 0).unwrap_or(32);
-            core::str::from_utf8(&self.name[..end]).ok()
+            fixed_name(&self.name)
         }
 
         /// Set the name (at most 32 bytes are kept).
         pub fn set_name(&mut self, name: &str) {
-            self.name = [0; 32];
-            let n = name.len().min(32);
-            self.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+            self.name = to_fixed_name(name);
         }
     }
 }
@@ -810,6 +906,16 @@ mod tests {
         let mut b = [0u8; 48];
         bd.encode(&mut b);
         assert_eq!((b[4], b[9], b[10], b[12], b[16]), (7, 2, 1, 4, b'b'));
+        round_trip(MaxMem { max_memkb: 4096 });
+        round_trip(ConsoleRead {
+            from: 1,
+            buffer: 2,
+            len: 3,
+            next: 4,
+            lost: 5,
+            done: 6,
+            ..Default::default()
+        });
         round_trip(SchedulerOp {
             sched_id: SCHEDULER_CREDIT,
             cmd: SCHEDOP_PUTINFO,

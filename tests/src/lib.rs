@@ -561,3 +561,28 @@ pub fn system_image(tag: &str, name: &str, toml: &str) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("image {name}: {e:#}"));
     fs::read(&built.image).expect("reading the built image")
 }
+
+/// `GET /` over HTTP/1.0 to `127.0.0.1:<port>` (a guest's server behind a QEMU port
+/// forward), retried every 300 ms until an answer or the deadline: the answer, or the last
+/// error.
+pub fn http_get(port: u16, deadline: std::time::Instant) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut last = String::from("no attempt");
+    while std::time::Instant::now() < deadline {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"GET / HTTP/1.0\r\nHost: bulkhead\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })();
+        match attempt {
+            Ok(r) if !r.is_empty() => return Ok(r),
+            Ok(_) => last = "empty answer".into(),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Err(last)
+}

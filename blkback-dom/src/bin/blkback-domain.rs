@@ -50,7 +50,6 @@ mod domain {
     use alloc::string::{String, ToString};
     use alloc::vec::Vec;
     use core::cell::{Cell, RefCell};
-    use core::sync::atomic::{AtomicU64, Ordering};
 
     use blkback_dom::device::{
         BlockDevice, DeviceError, DeviceInfo, Partition, RamDisk, SyncIo, check_range,
@@ -68,7 +67,7 @@ mod domain {
     use shared_abi::event_channel::EvtchnPort;
     use shared_abi::grant_table::{GntStatus, GrantHandle};
     use shared_abi::ring::SharedRingMem;
-    use shared_abi::start_info::{GRANT_MAP_END, SHARED_INFO_VA, XENSTORE_RING_VA};
+    use shared_abi::start_info::{GRANT_MAP_END, XENSTORE_RING_VA};
     use shared_abi::xenbus::{XenbusError, XenbusState, path};
     use virtio_drivers::device::blk::VirtIOBlk;
 
@@ -394,17 +393,6 @@ mod domain {
         whole_owner: Option<DomId>,
     }
 
-    fn clear_pending(port: EvtchnPort) {
-        let word = port as usize / 64;
-        if word >= 64 {
-            return;
-        }
-        // SAFETY: shared_info is mapped RW at SHARED_INFO_VA for the domain's life; the
-        // 64-word pending array at 0x800 is 8-byte aligned and accessed only atomically.
-        let w = unsafe { &*((SHARED_INFO_VA + 0x800 + word as u64 * 8) as *const AtomicU64) };
-        w.fetch_and(!(1u64 << (port % 64)), Ordering::AcqRel);
-    }
-
     impl Backend {
         /// The disk a newly probed device at `dir` is served from.
         fn disk_for(&mut self, dir: &str) -> Result<Io, DeviceError> {
@@ -428,31 +416,13 @@ mod domain {
             format!("/local/domain/{}/backend/vbd", self.me)
         }
 
-        /// Every `<base>/<fe>/<devid>` directory in the store.
-        fn list(&self, xb: &mut Bus) -> Vec<String> {
-            let base = self.base();
-            let mut out = Vec::new();
-            for fe in xb.directory(Tx::NONE, &base).unwrap_or_default() {
-                let d = format!("{base}/{fe}");
-                for dev in xb.directory(Tx::NONE, &d).unwrap_or_default() {
-                    out.push(format!("{d}/{dev}"));
-                }
-            }
-            out
-        }
-
         fn scan(&mut self, xb: &mut Bus) {
-            for dir in self.list(xb) {
+            for dir in xb.backend_devices(&self.base()) {
                 if self.devices.contains_key(&dir) {
                     continue;
                 }
                 // Probe once the frontend directory exists (its state is readable).
-                let fe = xb.read_string(Tx::NONE, &path(&dir, "frontend")).ok();
-                let fe_state = fe.as_deref().map(|f| path(f, "state"));
-                let ready = fe_state
-                    .as_deref()
-                    .is_some_and(|p| xb.read(Tx::NONE, p).is_ok());
-                let Some(fe_state) = fe_state.filter(|_| ready) else {
+                let Some(fe_state) = xb.frontend_state_path(&dir) else {
                     if self.waiting.insert(dir.clone(), ()).is_none() {
                         println!("blkback: {dir}: waiting for its frontend");
                     }
@@ -928,7 +898,7 @@ mod domain {
             ports.push(xs_port);
             let _ = hypercall::sched_poll(&ports, time::now_ns() + POLL_NS);
             for p in ports {
-                clear_pending(p);
+                dom_rt::event::clear_pending(p);
             }
         }
     }

@@ -186,6 +186,24 @@ impl super::console::ConsoleSink for Lines {
     fn write(&mut self, bytes: &[u8]) {
         self.0.extend_from_slice(bytes);
     }
+    /// Everything written, as an unbounded history.
+    fn read_log(
+        &mut self,
+        from: u64,
+        out: &mut [u8],
+    ) -> Result<super::console::RingRead, shared_abi::errno::XenError> {
+        let from_ix = usize::try_from(from)
+            .ok()
+            .filter(|&f| f <= self.0.len())
+            .ok_or(shared_abi::errno::XenError::EINVAL)?;
+        let n = out.len().min(self.0.len() - from_ix);
+        out[..n].copy_from_slice(&self.0[from_ix..from_ix + n]);
+        Ok(super::console::RingRead {
+            copied: n,
+            next: from + n as u64,
+            lost: 0,
+        })
+    }
 }
 
 impl Lines {

@@ -107,6 +107,9 @@ pub struct Hypervisor {
     /// The boot domains' manifest entries, kept for rebuilds (`None` until the arch layer
     /// installs them; see [`super::boot`]).
     pub boot: Option<alloc::boxed::Box<super::boot::BootSet>>,
+    /// Run-time domains kept on shutdown for some reasons (`CREATE_DOMAIN`'s
+    /// `CREATE_PRESERVE_*` flags), until reaped.
+    pub(crate) preserve: alloc::collections::BTreeMap<DomId, u32>,
 }
 
 impl Hypervisor {
@@ -123,7 +126,22 @@ impl Hypervisor {
             pci: None,
             irqs: crate::irq::IrqTable::default(),
             boot: None,
+            preserve: alloc::collections::BTreeMap::new(),
         }
+    }
+
+    /// Whether `dom`, shutting down for `reason`, is kept: a boot domain whose policy for it
+    /// is `preserve`, or a run-time domain created with the matching `CREATE_PRESERVE_*`
+    /// flag.
+    fn preserves(&self, dom: DomId, reason: ShutdownReason) -> bool {
+        use shared_abi::hypercall_args::domctl as dc;
+        let flag = match reason {
+            ShutdownReason::Poweroff => dc::CREATE_PRESERVE_POWEROFF,
+            ShutdownReason::Reboot => dc::CREATE_PRESERVE_REBOOT,
+            _ => dc::CREATE_PRESERVE_CRASH,
+        };
+        self.preserve.get(&dom).is_some_and(|f| f & flag != 0)
+            || self.boot.as_ref().is_some_and(|b| b.preserves(dom, reason))
     }
 
     /// CPUs to interrupt because of work created outside the entry points.
@@ -169,8 +187,8 @@ impl Hypervisor {
         p.console.write(line.as_bytes());
         let mut kicks = self.sched.pause_domain(dom, now);
         kicks = kicks.union(self.raise_dom_exc(p));
-        // A boot domain whose policy for this reason is `preserve` keeps its memory.
-        let preserve = self.boot.as_ref().is_some_and(|b| b.preserves(dom, reason));
+        // A domain whose policy for this reason is `preserve` keeps its memory.
+        let preserve = self.preserves(dom, reason);
         if (self.config.destroy_on_shutdown && !preserve) || matches!(exit, ExitReason::Fault(_)) {
             kicks = kicks.union(self.destroy_domain(p, dom));
         }
@@ -350,7 +368,10 @@ impl Hypervisor {
                 line.truncate(256);
                 p.console.write(line.as_bytes());
             }
+            // Its console history goes with it.
+            d.console.release_history();
             d.set_state(DomainState::Dead);
+            self.preserve.remove(&id);
         }
     }
 

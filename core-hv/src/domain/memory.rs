@@ -149,6 +149,11 @@ impl Reservation {
     pub const fn available(&self) -> u64 {
         self.limit.saturating_sub(self.used)
     }
+    /// Change the limit (`XEN_DOMCTL_max_mem`). Below what is used, nothing is taken away:
+    /// new allocations are refused until the domain gives pages back.
+    pub fn set_limit(&mut self, limit_pages: u64) {
+        self.limit = limit_pages;
+    }
     /// The domain gave up a frame that is not going back to the pool yet (another domain
     /// still maps it): it no longer counts against this domain.
     pub fn uncharge(&mut self) {

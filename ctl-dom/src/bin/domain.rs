@@ -19,10 +19,19 @@
 //! backend directory is written from the same declaration and the dead one's removed, so
 //! the guest's blkfront reconnects and re-issues what had no answer.
 //!
+//! Network interfaces the same way: `vif=<frontend>:<backend>:<devid>:<mac>[:<ip>[:<rate>]]`
+//! (boot domain names, the MAC as `xx:xx:xx:xx:xx:xx`, the IPv4 address the backend polices,
+//! the rate as `<bytes>,<usecs>`) writes the vif's frontend and backend directories at boot,
+//! and re-points them when the network backend (or the guest) is restarted.
+//!
 //! Command line: `max_restarts=N` and `window_ms=M` (the limit: at most N restarts of one
 //! domain within M ms; default 3 per 60000), and `exit_when_idle`: once no domain other than
 //! this one and the xenstore domain is alive, destroy the preserved ones and power off (test
 //! systems that must end).
+//!
+//! When the machine has the management line (COM2; `domctl MGMT_IO` answers), it also serves
+//! `hvctl` there: the toolstack engine over the real platform (`domain/platform.rs`), its
+//! byte transport and the policies of the domains it creates (`domain/mgmt.rs`).
 //!
 //! On the host this binary is a stub.
 #![cfg_attr(all(target_arch = "x86_64", target_os = "none"), no_std, no_main)]
@@ -33,11 +42,20 @@ dom_rt::entry!(domain::main);
 #[cfg(all(target_arch = "x86_64", target_os = "none"))]
 extern crate alloc;
 
+// The toolstack serving `hvctl` on the management line (`domain/mgmt.rs`) over the real
+// platform (`domain/platform.rs`).
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+#[path = "domain/mgmt.rs"]
+mod mgmt;
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+#[path = "domain/platform.rs"]
+mod platform;
+
 #[cfg(all(target_arch = "x86_64", target_os = "none"))]
 mod domain {
     use alloc::vec::Vec;
 
-    use ctl_dom::boot_devices::{BootDisk, DiskPlan, parse_disks};
+    use ctl_dom::boot_devices::{BootDevice, DiskPlan, parse_disks, parse_vifs, restart_plans};
     use ctl_dom::boot_lifecycle::{BootLifecycle, BootPlatform, BootRecord, Outcome, RestartLimit};
     use dom_rt::event::Waiter;
     use dom_rt::{StartInfo, XenError, domctl, evtchn, println};
@@ -90,35 +108,40 @@ mod domain {
 
     type Bus = dom_rt::xenbus::DomainBus;
 
-    /// Boot step of a toolstack: write the xenstore device entries of the disks declared on
-    /// the command line (`disk=<frontend>:<backend>:<xvd…>:<r|rw>`, boot domain names), so
-    /// the backends and the guests' frontends find them ([`ctl_dom::boot_devices`]). Needs
-    /// the xenstore domain to treat this domain as privileged (its `priv_domid=`).
-    fn write_disks(xb: &mut Bus, disks: &[BootDisk], recs: &[BootRecord]) {
-        use ctl_dom::boot_devices::disk_plan;
+    /// Boot step of a toolstack: write the xenstore device entries of the devices declared
+    /// on the command line (`disk=<frontend>:<backend>:<xvd…>:<r|rw>`, `vif=…`, boot domain
+    /// names), so the backends and the guests' frontends find them
+    /// ([`ctl_dom::boot_devices`]). Needs the xenstore domain to treat this domain as
+    /// privileged (its `priv_domid=`).
+    fn write_devices<D: BootDevice>(xb: &mut Bus, devices: &[D], recs: &[BootRecord]) {
         let id = |name: &str| {
             recs.iter()
                 .find(|r| r.name == name)
                 .map(|r| r.domid)
                 .filter(|&d| d != shared_abi::hypercall_args::domctl::BOOT_NO_DOMAIN)
         };
-        for d in disks {
-            let (Some(fe), Some(be)) = (id(&d.frontend), id(&d.backend)) else {
+        for d in devices {
+            let what = d.describe();
+            let (Some(fe), Some(be)) = (id(d.frontend()), id(d.backend())) else {
                 println!(
-                    "ctl: disk {} of {}: {} or {} is not a running boot domain",
-                    d.vdev, d.frontend, d.frontend, d.backend
+                    "ctl: {what} of {}: {} or {} is not a running boot domain",
+                    d.frontend(),
+                    d.frontend(),
+                    d.backend()
                 );
                 continue;
             };
-            let Some(plan) = disk_plan(fe, be, d) else {
+            let Some(plan) = d.plan(fe, be) else {
                 continue;
             };
             match write_plan(xb, &plan) {
                 Ok(()) => println!(
-                    "ctl: disk {} of {} (domain {fe}) served by {} (domain {be}): device {} written",
-                    d.vdev, d.frontend, d.backend, plan.devid
+                    "ctl: {what} of {} (domain {fe}) served by {} (domain {be}): device {} written",
+                    d.frontend(),
+                    d.backend(),
+                    plan.devid
                 ),
-                Err(e) => println!("ctl: disk {} of {}: xenstore: {e:?}", d.vdev, d.frontend),
+                Err(e) => println!("ctl: {what} of {}: xenstore: {e:?}", d.frontend()),
             }
         }
     }
@@ -161,22 +184,38 @@ mod domain {
         Ok(())
     }
 
-    /// Boot domain `name` came back as domain `new` (it was `old`): re-point the disks it
+    /// Boot domain `name` came back as domain `new` (it was `old`): re-point the devices it
     /// serves or uses ([`ctl_dom::boot_devices::restart_plans`]) — the frontend's
     /// `backend`/`backend-id` name the new backend, the new backend directory is written
     /// from the same declaration, the dead side's backend directory is removed — so the
     /// frontend reconnects and re-issues what was in flight.
-    fn repoint_disks(
+    fn repoint_devices<D: BootDevice>(
         xb: &mut Bus,
-        disks: &[BootDisk],
+        devices: &[D],
         ids: &[(alloc::string::String, DomId)],
         name: &str,
         old: DomId,
         new: DomId,
     ) {
-        use ctl_dom::boot_devices::restart_plans;
         let id_of = |n: &str| ids.iter().find(|(m, _)| m == n).map(|&(_, d)| d);
-        for (plan, stale) in restart_plans(disks, name, old, new, id_of) {
+        repoint(
+            xb,
+            restart_plans(devices, name, old, new, id_of),
+            name,
+            old,
+            new,
+        );
+    }
+
+    /// Write each new plan and remove the dead side's backend directory.
+    fn repoint(
+        xb: &mut Bus,
+        plans: Vec<(DiskPlan, alloc::string::String)>,
+        name: &str,
+        old: DomId,
+        new: DomId,
+    ) {
+        for (plan, stale) in plans {
             match write_plan(xb, &plan) {
                 Ok(()) => println!(
                     "ctl: device {} re-pointed: {} (domain {old}) is now domain {new}",
@@ -251,17 +290,26 @@ mod domain {
                 Vec::new()
             }
         };
-        let mut xb = if disks.is_empty() {
+        let vifs = match parse_vifs(cmd) {
+            Ok(v) => v,
+            Err(e) => {
+                println!("ctl: no vifs written: {e}");
+                Vec::new()
+            }
+        };
+        let mut serve = crate::mgmt::open(cmd);
+        let mut xb = if disks.is_empty() && vifs.is_empty() && serve.is_none() {
             None
         } else {
             let xb = dom_rt::xenbus::connect_own_store(si);
             if xb.is_none() {
-                println!("ctl: no xenstore connection: no disks written");
+                println!("ctl: no xenstore connection: no devices written");
             }
             xb
         };
         if let Some(xb) = xb.as_mut() {
-            write_disks(xb, &disks, &recs);
+            write_devices(xb, &disks, &recs);
+            write_devices(xb, &vifs, &recs);
         }
         let mut ids: Vec<(alloc::string::String, DomId)> =
             recs.iter().map(|r| (r.name.clone(), r.domid)).collect();
@@ -278,7 +326,8 @@ mod domain {
                     e.1 = new;
                 }
                 if let Some(xb) = xb.as_mut() {
-                    repoint_disks(xb, &disks, &ids, &name, old, new);
+                    repoint_devices(xb, &disks, &ids, &name, old, new);
+                    repoint_devices(xb, &vifs, &ids, &name, old, new);
                 }
             }
             if exit_when_idle {
@@ -300,7 +349,7 @@ mod domain {
                     Err(e) => println!("ctl: cannot list domains: {e:?}"),
                 }
             }
-            if let Err(e) = waiter.wait(dom_exc) {
+            if let Err(e) = crate::mgmt::wait(&mut serve, &mut waiter, dom_exc, &mut xb) {
                 println!("ctl: cannot wait for events ({e:?}); stopping");
                 return;
             }

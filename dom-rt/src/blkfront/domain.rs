@@ -7,14 +7,12 @@ use alloc::alloc::{Layout, alloc_zeroed};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
 
 use shared_abi::DomId;
 use shared_abi::PAGE_SIZE;
 use shared_abi::event_channel::EvtchnPort;
 use shared_abi::grant_table::{GrantRef, NR_RESERVED_ENTRIES};
 use shared_abi::ring::SharedRingMem;
-use shared_abi::start_info::SHARED_INFO_VA;
 use shared_abi::xenbus::{Store, StoreError};
 
 use super::{BlkError, Events, Grants, XsStore};
@@ -186,18 +184,6 @@ impl Default for DomainEvents {
     }
 }
 
-/// Clear `port`'s pending bit in shared_info (only ours: other ports are left alone).
-fn clear_pending(port: EvtchnPort) {
-    let word = port as usize / 64;
-    if word >= 64 {
-        return;
-    }
-    // SAFETY: shared_info is mapped RW at SHARED_INFO_VA for the domain's life; the 64-word
-    // pending array at 0x800 is 8-byte aligned and accessed only atomically.
-    let w = unsafe { &*((SHARED_INFO_VA + 0x800 + word as u64 * 8) as *const AtomicU64) };
-    w.fetch_and(!(1u64 << (port % 64)), Ordering::AcqRel);
-}
-
 impl Events for DomainEvents {
     fn alloc_unbound(&mut self, remote: DomId) -> Result<EvtchnPort, BlkError> {
         let p = evtchn::alloc_unbound(remote).map_err(BlkError::Hypercall)?;
@@ -219,7 +205,7 @@ impl Events for DomainEvents {
         let deadline = time::now_ns().saturating_add(self.max_wait_ns);
         let _ = hypercall::sched_poll(ports, deadline);
         for &p in ports {
-            clear_pending(p);
+            crate::event::clear_pending(p);
         }
     }
 }

@@ -21,6 +21,7 @@ use shared_abi::xenbus::{
 };
 
 use super::{BlkError, Events, Grants, XsStore};
+use crate::front::{set_state, wait_backend};
 
 /// Linux blkfront's default cap on indirect segments (`max_indirect_segments` = 32).
 pub const DEFAULT_MAX_INDIRECT_SEGMENTS: usize = 32;
@@ -105,32 +106,6 @@ pub(crate) struct QueueSetup<P> {
 pub(crate) struct Negotiated<P> {
     pub info: DiskInfo,
     pub queues: Vec<QueueSetup<P>>,
-}
-
-fn wait_backend<S: XsStore>(
-    store: &mut S,
-    backend: &str,
-    rounds: u32,
-    waiting_for: &'static str,
-    done: impl Fn(XenbusState) -> bool,
-) -> Result<XenbusState, BlkError> {
-    for _ in 0..=rounds {
-        // A backend directory still being created (or not yet readable) is not ready yet.
-        let st = read_state(store, backend).unwrap_or(XenbusState::Unknown);
-        if done(st) {
-            return Ok(st);
-        }
-        if matches!(st, XenbusState::Closing | XenbusState::Closed) && waiting_for == "Connected" {
-            return Err(BlkError::BackendClosed);
-        }
-        store.wait();
-    }
-    Err(BlkError::Timeout { waiting_for })
-}
-
-fn set_state<S: XsStore>(store: &mut S, dir: &str, st: XenbusState) -> Result<(), BlkError> {
-    store.write(&path(dir, "state"), st.as_str())?;
-    Ok(())
 }
 
 /// `xenbus_dev_fatal`: record the error and go Closing (best effort), then hand it back.

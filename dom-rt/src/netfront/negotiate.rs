@@ -17,6 +17,7 @@ use shared_abi::xenbus::{
 };
 
 use super::{Events, Grants, MAX_QUEUES, NetConfig, NetError, RING_SLOTS, XsStore};
+use crate::front::{set_state, wait_backend};
 
 /// The device as negotiated.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,36 +59,6 @@ pub(crate) struct QueueSetup<P> {
 pub(crate) struct Negotiated<P> {
     pub info: NetInfo,
     pub queues: Vec<QueueSetup<P>>,
-}
-
-fn wait_backend<S: XsStore>(
-    store: &mut S,
-    backend: &str,
-    rounds: u32,
-    waiting_for: &'static str,
-    done: impl Fn(XenbusState) -> bool,
-) -> Result<XenbusState, NetError> {
-    for _ in 0..=rounds {
-        // A backend directory still being created (or not yet readable) is not ready yet.
-        let st = read_state(store, backend).unwrap_or(XenbusState::Unknown);
-        if done(st) {
-            return Ok(st);
-        }
-        if matches!(st, XenbusState::Closing | XenbusState::Closed) && waiting_for == "Connected" {
-            return Err(NetError::BackendClosed);
-        }
-        store.wait();
-    }
-    Err(NetError::Timeout { waiting_for })
-}
-
-pub(crate) fn set_state<S: XsStore>(
-    store: &mut S,
-    dir: &str,
-    st: XenbusState,
-) -> Result<(), NetError> {
-    store.write(&path(dir, "state"), st.as_str())?;
-    Ok(())
 }
 
 /// `xenbus_dev_fatal`: record the error and go Closing (best effort), then hand it back.
@@ -326,5 +297,5 @@ pub(crate) fn finish<S: XsStore>(
         s == XenbusState::Connected
     })
     .map(drop)
-    .map_err(|e| fatal(store, fe, e))
+    .map_err(|e| fatal(store, fe, e.into()))
 }

@@ -422,6 +422,30 @@ impl<T: Transport> Xenbus<T> {
         split_list(&self.request(MsgType::Directory, tx, &z(path))?)
     }
 
+    /// A backend's devices: every `<base>/<frontend-id>/<devid>` directory the toolstack
+    /// wrote under its backend directory `base` (`/local/domain/<me>/backend/<type>`).
+    /// Unreadable levels count as empty: the toolstack may be writing them.
+    pub fn backend_devices(&mut self, base: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for fe in self.directory(Tx::NONE, base).unwrap_or_default() {
+            let d = format!("{base}/{fe}");
+            for dev in self.directory(Tx::NONE, &d).unwrap_or_default() {
+                out.push(format!("{d}/{dev}"));
+            }
+        }
+        out
+    }
+
+    /// For a backend device directory `dir`: the path of its frontend's `state` once that
+    /// is readable (the frontend directory exists: the device can be probed), else `None`.
+    pub fn frontend_state_path(&mut self, dir: &str) -> Option<String> {
+        let fe = self
+            .read_string(Tx::NONE, &format!("{dir}/frontend"))
+            .ok()?;
+        let state = format!("{fe}/state");
+        self.read(Tx::NONE, &state).ok().map(|_| state)
+    }
+
     /// GET_DOMAIN_PATH: `/local/domain/<domid>`.
     pub fn domain_path(&mut self, domid: DomId) -> Result<String, XenError> {
         one_string(&self.request(MsgType::GetDomainPath, Tx::NONE, &z(&format!("{domid}")))?)

@@ -1,5 +1,7 @@
 //! The console: COM1 behind one lock, the `log` backend (`[cpuN LEVEL] message`), and raw lines
-//! for the harness contract (ready, METRIC, refusal), which carry no prefix.
+//! for the harness contract (ready, METRIC, refusal), which carry no prefix. The hypervisor's
+//! own lines (not domains' console lines) are also kept in a bounded history, read back by
+//! `domctl CONSOLE_READ` as dmesg ([`read_dmesg`]).
 //!
 //! Each line is written whole under the lock, with interrupts off, so lines from several CPUs
 //! never interleave. The fatal path ([`fatal_lines`]) takes the lock by force after a bounded
@@ -14,6 +16,7 @@ use spin::Mutex;
 use super::cpu;
 use super::percpu;
 use super::serial::Serial;
+use crate::domain::console::{DMESG_BYTES, HistoryRing, RingRead};
 
 static PORT: Mutex<Serial> = Mutex::new(
     // SAFETY: the only Serial outside this lock is the fatal path's, which runs once the lock
@@ -21,6 +24,21 @@ static PORT: Mutex<Serial> = Mutex::new(
     unsafe { Serial::new() },
 );
 static READY: AtomicBool = AtomicBool::new(false);
+
+/// The hypervisor's own lines (log records, harness lines, `(hv)` lines; not domains'
+/// console lines), kept for `domctl CONSOLE_READ` of `DOMID_XEN` (dmesg). Taken after
+/// [`PORT`] and with interrupts off; nothing is taken while it is held.
+static DMESG: Mutex<HistoryRing<[u8; DMESG_BYTES]>> = Mutex::new(HistoryRing::new_array());
+
+/// A writer to the port that also keeps what it wrote in [`DMESG`].
+struct Tee<'a>(&'a mut Serial);
+
+impl Write for Tee<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        DMESG.lock().push(s.as_bytes());
+        self.0.write_str(s)
+    }
+}
 
 /// Set up the UART and install the logger at `level`.
 pub fn init(level: LevelFilter) {
@@ -43,11 +61,12 @@ fn with_port<R>(f: impl FnOnce(&mut Serial) -> R) -> R {
     r
 }
 
-/// Print one line exactly as given (no prefix): the harness-facing lines.
+/// Print one line exactly as given (no prefix): the harness-facing lines (kept in dmesg).
 pub fn raw_line(args: fmt::Arguments<'_>) {
     with_port(|p| {
-        let _ = p.write_fmt(args);
-        let _ = p.write_str("\n");
+        let mut t = Tee(p);
+        let _ = t.write_fmt(args);
+        let _ = t.write_str("\n");
     });
 }
 
@@ -58,6 +77,24 @@ pub fn raw_bytes(bytes: &[u8]) {
             p.write_byte(b);
         }
     });
+}
+
+/// Print one of the hypervisor's own lines given as bytes (`(hv) ...`), kept in dmesg.
+pub fn hv_bytes(bytes: &[u8]) {
+    with_port(|p| {
+        DMESG.lock().push(bytes);
+        for &b in bytes {
+            p.write_byte(b);
+        }
+    });
+}
+
+/// Read the hypervisor's log history (dmesg) from offset `from`.
+pub fn read_dmesg(from: u64, out: &mut [u8]) -> Result<RingRead, shared_abi::errno::XenError> {
+    let was = cpu::disable_interrupts();
+    let r = DMESG.lock().read(from, out);
+    cpu::restore_interrupts(was);
+    r
 }
 
 /// `raw_line` with `format!` syntax.
@@ -80,7 +117,7 @@ impl Log for Logger {
         }
         let cpu = percpu::current_index();
         with_port(|p| {
-            let _ = writeln!(p, "[cpu{cpu} {:<5}] {}", r.level(), r.args());
+            let _ = writeln!(Tee(p), "[cpu{cpu} {:<5}] {}", r.level(), r.args());
         });
     }
 

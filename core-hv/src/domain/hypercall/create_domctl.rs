@@ -59,7 +59,7 @@ fn check(req: &CreateDomain) -> Result<Capabilities, XenError> {
         || !(1..=MAX_VCPUS).contains(&req.vcpus)
         || !(1..=MAX_WEIGHT).contains(&req.weight)
         || req.cap_percent > 100 * req.vcpus
-        || req.flags & !dc::CREATE_PAUSED != 0
+        || req.flags & !dc::CREATE_FLAGS != 0
     {
         return Err(XenError::EINVAL);
     }
@@ -105,6 +105,11 @@ impl Call<'_, '_> {
             build_errno(&e)
         })?;
         drop(elf);
+        // Its lifecycle policies: kept on shutdown for the reasons it says `preserve`.
+        let preserve = req.flags & (dc::CREATE_FLAGS & !dc::CREATE_PAUSED);
+        if preserve != 0 {
+            self.hv.preserve.insert(id, preserve);
+        }
         let mut kicks = self.hv.take_kicks();
         if req.flags & dc::CREATE_PAUSED != 0 {
             if let Some(d) = self.hv.domains.get_mut(id) {
@@ -281,6 +286,56 @@ mod tests {
     }
 
     #[test]
+    fn preserve_flags_keep_a_domain_that_shuts_down_for_that_reason_until_destroyed() {
+        use crate::domain::{ExitReason, FaultInfo, ShutdownReason};
+        let (mut env, mut hv, elf) = system();
+        let frames_before = env.frames.outstanding();
+        let mut req = request(elf.len());
+        // Paused, so the caller keeps the one CPU.
+        req.flags = dc::CREATE_PAUSED | dc::CREATE_PRESERVE_CRASH | dc::CREATE_PRESERVE_REBOOT;
+        assert_eq!(call(&mut env, &mut hv, 1, req).0, 3);
+        req.set_name("web2");
+        assert_eq!(call(&mut env, &mut hv, 1, req).0, 4);
+        req.set_name("web3");
+        assert_eq!(call(&mut env, &mut hv, 1, req).0, 5);
+        let held = env.frames.outstanding();
+        // Crash: kept, shut down, memory held.
+        hv.shutdown_domain(
+            &mut env.platform(),
+            3,
+            ExitReason::Shutdown(ShutdownReason::Crash),
+        );
+        let d = hv.domains.get(3).unwrap();
+        assert_eq!(d.state(), DomainState::Shutdown(ShutdownReason::Crash));
+        assert!(d.aspace.is_some());
+        assert_eq!(env.frames.outstanding(), held);
+        // Poweroff was not asked for: freed at once.
+        hv.shutdown_domain(
+            &mut env.platform(),
+            4,
+            ExitReason::Shutdown(ShutdownReason::Poweroff),
+        );
+        assert_eq!(hv.domains.get(4).unwrap().state(), DomainState::Dead);
+        // A fault frees at once whatever the policy (as for boot domains).
+        hv.shutdown_domain(
+            &mut env.platform(),
+            5,
+            ExitReason::Fault(FaultInfo {
+                vector: 14,
+                error_code: 0,
+                rip: 0,
+                cr2: 0,
+            }),
+        );
+        assert_eq!(hv.domains.get(5).unwrap().state(), DomainState::Dead);
+        // Destroyed by the toolstack: everything back, the policy forgotten.
+        hv.destroy_domain(&mut env.platform(), 3);
+        assert_eq!(hv.domains.get(3).unwrap().state(), DomainState::Dead);
+        assert!(hv.preserve.is_empty());
+        assert_eq!(env.frames.outstanding(), frames_before);
+    }
+
+    #[test]
     fn without_domain_control_it_is_eperm_and_nothing_is_built() {
         let (mut env, mut hv, elf) = system();
         let (r, _) = call(&mut env, &mut hv, 2, request(elf.len()));
@@ -383,7 +438,7 @@ mod tests {
             (
                 "unknown flag",
                 CreateDomain {
-                    flags: 2,
+                    flags: 1 << 4,
                     ..request(n)
                 },
                 XenError::EINVAL

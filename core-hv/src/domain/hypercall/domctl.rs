@@ -1,5 +1,5 @@
 //! `domctl`: the domain-control subset (get info, list, pause, unpause, destroy, credit
-//! scheduler parameters). Every command needs `DOMAIN_CONTROL`, asked of the policy module
+//! scheduler parameters, memory limit (`max_mem`), console histories). Every command needs `DOMAIN_CONTROL`, asked of the policy module
 //! before the target is looked up. A header with another interface version is `-EACCES`
 //! (Xen's answer to a version mismatch).
 
@@ -7,7 +7,7 @@ use shared_abi::DomId;
 use shared_abi::errno::XenError;
 use shared_abi::hypercall_args::Wire;
 use shared_abi::hypercall_args::domctl::{
-    self as dc, DomainInfo, DomctlHeader, ListDomains, SchedulerOp,
+    self as dc, DomainInfo, DomctlHeader, ListDomains, MaxMem, SchedulerOp,
 };
 
 use super::{Call, HcResult};
@@ -205,6 +205,24 @@ impl Call<'_, '_> {
             }
             dc::CREATE_DOMAIN => self.create_domain(arg, &mut buf),
             dc::MGMT_IO => self.mgmt_io(arg, &mut buf),
+            dc::CONSOLE_READ => self.console_read(arg, target, &mut buf),
+            dc::MAX_MEM => {
+                let token = policy::control(self.caller(), target)?;
+                let m = MaxMem::decode(&buf[16..]).ok_or(XenError::EFAULT)?;
+                if m.max_memkb > shared_abi::manifest::MAX_MEMORY_KIB {
+                    return Err(XenError::EINVAL);
+                }
+                let d = self
+                    .hv
+                    .domains
+                    .get_mut(token.target())
+                    .filter(|d| d.state().is_alive())
+                    .ok_or(XenError::ESRCH)?;
+                // As Xen: below what the domain holds, nothing is taken away; it only gets
+                // no new page until it gives some back.
+                d.reservation.set_limit(m.max_memkb / 4);
+                Ok(0)
+            }
             _ => Err(XenError::ENOSYS),
         }
     }

@@ -12,6 +12,7 @@
 //! `-ENOSYS`. Nothing here panics on domain input (the dispatcher proptest checks it).
 
 mod boot_domctl;
+mod console_domctl;
 mod create_domctl;
 mod domctl;
 mod evtchn_op;

@@ -21,6 +21,9 @@
 //! - `ring-front n= metric=` / `ring-back`: `n` requests over a `shared_abi::ring` in a
 //!   granted page, responses checked in order.
 //! - `bench-granter` / `bench-mapper`: grant map/unmap and 4 KiB copy costs.
+//! - `raw-ring-tx ms=` / `raw-ring-rx metric=`: the bare-ring packet reference of the
+//!   network benchmarks: 64-byte packets inline in the slots of a granted one-page ring for
+//!   `ms` (default 1000), every one checked; the consumer prints the packets per second.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]

@@ -218,6 +218,8 @@ pub fn run(si: &'static StartInfo) {
         }
         "ring-front" => ring_front(si),
         "ring-back" => ring_back(si),
+        "raw-ring-tx" => raw_ring_tx(si),
+        "raw-ring-rx" => raw_ring_rx(si),
         "bench-granter" => bench_granter(si),
         "bench-mapper" => bench_mapper(si),
         other => {
@@ -1019,6 +1021,319 @@ fn ring_back(si: &StartInfo) -> Result<(), XenError> {
         println!(
             "RESULT {} fail {bad} requests out of order; unmap {u:?}",
             si.name()
+        );
+    }
+    Ok(())
+}
+
+// ---- the bare-ring packet reference (net_raw_ring_64b_pps) ----
+
+/// A 64-byte packet carried inline in a ring slot: word 0 is its sequence number
+/// ([`RAW_END`] ends the stream), words 1..8 a pattern of it the consumer checks.
+#[derive(Clone, Copy, Default, Debug)]
+#[repr(C)]
+struct Pkt64 {
+    words: [u64; 8],
+}
+
+/// The consumer's answer: the sequence number it took (frees the slot).
+#[derive(Clone, Copy, Default, Debug)]
+#[repr(C)]
+struct PktAck {
+    seq: u64,
+}
+
+const RAW_END: u64 = u64::MAX;
+/// Pages of the ring: 256 slots of 64 bytes (as many as a netif tx ring has), granted as
+/// refs `RAW_GREF..RAW_GREF + RAW_PAGES`.
+const RAW_PAGES: usize = 5;
+const RAW_GREF: u32 = 16;
+/// The consumer publishes its responses at least every this many requests, so the producer
+/// can refill the ring while the consumer still works through it.
+const RAW_ACK_EVERY: u64 = 32;
+
+/// The producer's ring pages, contiguous.
+static RAW_RING: [Page; RAW_PAGES] =
+    [const { Page([const { AtomicU64::new(0) }; 512]) }; RAW_PAGES];
+/// Longest a side waits for the other before it gives up.
+const RAW_STALL_NS: u64 = 5_000_000_000;
+
+fn pkt_word(seq: u64, i: usize) -> u64 {
+    seq.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .rotate_left(i as u32 * 8)
+        ^ i as u64
+}
+
+fn pkt_of(seq: u64) -> Pkt64 {
+    let mut p = Pkt64::default();
+    p.words[0] = seq;
+    for i in 1..8 {
+        p.words[i] = pkt_word(seq, i);
+    }
+    p
+}
+
+impl RingEntry for Pkt64 {
+    fn encode(&self, out: &mut [u8]) {
+        for (o, w) in out.chunks_exact_mut(8).zip(self.words) {
+            o.copy_from_slice(&w.to_le_bytes());
+        }
+    }
+    fn decode(b: &[u8]) -> Self {
+        let mut p = Pkt64::default();
+        for (w, c) in p.words.iter_mut().zip(b.chunks_exact(8)) {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(c);
+            *w = u64::from_le_bytes(x);
+        }
+        p
+    }
+}
+
+impl RingEntry for PktAck {
+    fn encode(&self, out: &mut [u8]) {
+        out[..8].copy_from_slice(&self.seq.to_le_bytes());
+    }
+    fn decode(b: &[u8]) -> Self {
+        let mut s = [0u8; 8];
+        s.copy_from_slice(&b[..8]);
+        PktAck {
+            seq: u64::from_le_bytes(s),
+        }
+    }
+}
+
+/// `raw-ring-tx peer= ms=`: the producer. Grants a ring of 64-byte slots
+/// (`FrontRing<Pkt64, PktAck>` over [`RAW_PAGES`] pages: 256 slots, as a netif tx ring) and
+/// pushes packets for `ms` (default 1000) as fast as slots free up, notifying only when the
+/// consumer asked (`RING_PUSH_REQUESTS_AND_CHECK_NOTIFY`), then an end marker.
+fn raw_ring_tx(si: &StartInfo) -> Result<(), XenError> {
+    let b = peer(si);
+    let run_ns = num(si, "ms", 1000).saturating_mul(1_000_000);
+    let gt = GrantTable::own();
+    let mut l = Link::offer(b)?;
+    let base = va(&RAW_RING[0]);
+    // SAFETY: RAW_RING is RAW_PAGES contiguous pages of ours for the domain's life, granted
+    // to the consumer, and touched here only through the ring.
+    let mem =
+        unsafe { shared_abi::ring::SharedRingMem::from_raw(base as *mut u8, RAW_PAGES * 4096) }
+            .map_err(|_| XenError::EINVAL)?;
+    let mut ring: FrontRing<Pkt64, PktAck> = FrontRing::new(mem).map_err(|_| XenError::EINVAL)?;
+    for (i, p) in RAW_RING.iter().enumerate() {
+        gt.grant_access(RAW_GREF + i as u32, b, va(p), false)?;
+    }
+    l.send()?;
+    l.wait()?; // consumer attached
+    let (mut sent, mut acked, mut bad) = (0u64, 0u64, 0u64);
+    let (mut notifies, mut waits) = (0u64, 0u64);
+    let t0 = dom_rt::time::now_ns();
+    let (mut ended, mut end_pushed) = (false, false);
+    let mut blast_ns = 0;
+    loop {
+        if !ended {
+            let now = dom_rt::time::now_ns();
+            if now - t0 >= run_ns {
+                blast_ns = now - t0;
+                ended = true;
+            }
+        }
+        while !ring.is_full() && !end_pushed {
+            let p = if ended { pkt_of(RAW_END) } else { pkt_of(sent) };
+            if ring.push_request(&p).is_err() {
+                break;
+            }
+            if ended {
+                end_pushed = true;
+            } else {
+                sent += 1;
+            }
+        }
+        if ring.push_requests_and_check_notify() {
+            notifies += 1;
+            l.send()?;
+        }
+        let mut progressed = false;
+        loop {
+            match ring.get_response() {
+                Ok(Some(r)) => {
+                    progressed = true;
+                    if r.seq == RAW_END {
+                        acked = sent + 1;
+                    } else {
+                        if r.seq != acked {
+                            bad += 1;
+                        }
+                        acked += 1;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    println!("RESULT {} fail ring error {e}", si.name());
+                    return Ok(());
+                }
+            }
+        }
+        if ended && acked > sent {
+            break;
+        }
+        // Wait only when there is nothing to do: the ring is full (or the end marker is out)
+        // and no response came.
+        if !progressed && (ring.is_full() || ended) {
+            match ring.final_check_for_responses() {
+                Ok(true) => {}
+                Ok(false) => {
+                    waits += 1;
+                    let deadline = dom_rt::time::now_ns() + RAW_STALL_NS;
+                    if !l.w.wait_until(l.port, deadline)? {
+                        println!(
+                            "RESULT {} fail the consumer stalled: {acked} of {sent} packets answered",
+                            si.name()
+                        );
+                        return Ok(());
+                    }
+                }
+                Err(e) => {
+                    println!("RESULT {} fail ring error {e}", si.name());
+                    return Ok(());
+                }
+            }
+        }
+    }
+    // The consumer unmaps after the end marker; then the pages are ours again.
+    let deadline = dom_rt::time::now_ns() + JOIN_TIMEOUT_NS;
+    for i in 0..RAW_PAGES as u32 {
+        while gt.end_access(RAW_GREF + i).is_err() && dom_rt::time::now_ns() < deadline {
+            dom_rt::time::sleep(1_000_000)?;
+        }
+    }
+    let per_s = sent as u128 * 1_000_000_000 / u128::from(blast_ns.max(1));
+    let ok = bad == 0;
+    println!(
+        "RESULT {} {} pushed {sent} 64-byte packets in {} ms ({per_s} packets/s offered), {notifies} notifications, {waits} waits for room, {bad} answered out of order",
+        si.name(),
+        if ok { "pass" } else { "fail" },
+        blast_ns / 1_000_000
+    );
+    Ok(())
+}
+
+/// `raw-ring-rx peer= metric=`: the consumer. Maps the producer's ring, checks every
+/// packet's sequence number and content, answers it, and prints `METRIC <metric>` (packets
+/// per second from the first batch taken to the last).
+fn raw_ring_rx(si: &StartInfo) -> Result<(), XenError> {
+    let a = peer(si);
+    let mut l = Link::join(a, 1)?;
+    l.wait()?; // granted
+    // A fresh window hands out consecutive addresses: the pages map contiguously.
+    let mut window = MapWindow::new();
+    let mut maps: Vec<(shared_abi::grant_table::GrantHandle, u64)> = Vec::new();
+    let mut base = None;
+    for i in 0..RAW_PAGES {
+        let w = window.alloc().ok_or(XenError::ENOMEM)?;
+        let b = *base.get_or_insert(w);
+        if w != b + i as u64 * 4096 {
+            fail(si, "the map window is not contiguous");
+            return Ok(());
+        }
+        let h = gnttab::map(a, RAW_GREF + i as u32, w, false).map_err(|_| XenError::EINVAL)?;
+        maps.push((h, w));
+    }
+    let base = base.ok_or(XenError::EINVAL)?;
+    // SAFETY: `base..base + RAW_PAGES pages` is mapped writable to the producer's ring pages
+    // until the unmaps below, and touched only through the ring.
+    let mem =
+        unsafe { shared_abi::ring::SharedRingMem::from_raw(base as *mut u8, RAW_PAGES * 4096) }
+            .map_err(|_| XenError::EINVAL)?;
+    let mut ring: BackRing<Pkt64, PktAck> = BackRing::new(mem).map_err(|_| XenError::EINVAL)?;
+    l.send()?;
+    let (mut count, mut bad, mut waits, mut notifies) = (0u64, 0u64, 0u64, 0u64);
+    // (time, packets counted by then) of the first and the last batch.
+    let (mut first, mut last) = (None::<(u64, u64)>, (0u64, 0u64));
+    let mut done = false;
+    let mut failed = None;
+    while !done {
+        let mut batch = 0u64;
+        loop {
+            match ring.get_request() {
+                Ok(Some(p)) => {
+                    let seq = p.words[0];
+                    if seq == RAW_END {
+                        done = true;
+                    } else {
+                        if seq != count || (1..8).any(|i| p.words[i] != pkt_word(seq, i)) {
+                            bad += 1;
+                        }
+                        count += 1;
+                        batch += 1;
+                    }
+                    if ring.push_response(&PktAck { seq }).is_err() {
+                        bad += 1;
+                    }
+                    if batch.is_multiple_of(RAW_ACK_EVERY) && ring.push_responses_and_check_notify()
+                    {
+                        notifies += 1;
+                        l.send()?;
+                    }
+                    if done {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    failed = Some(format!("ring error {e}"));
+                    done = true;
+                    break;
+                }
+            }
+        }
+        if batch > 0 {
+            let now = dom_rt::time::now_ns();
+            first.get_or_insert((now, count));
+            last = (now, count);
+        }
+        if ring.push_responses_and_check_notify() {
+            notifies += 1;
+            l.send()?;
+        }
+        if batch == 0 && !done {
+            match ring.final_check_for_requests() {
+                Ok(true) => {}
+                Ok(false) => {
+                    waits += 1;
+                    let deadline = dom_rt::time::now_ns() + RAW_STALL_NS;
+                    if !l.w.wait_until(l.port, deadline)? {
+                        failed = Some(format!("the producer stalled after {count} packets"));
+                        done = true;
+                    }
+                }
+                Err(e) => {
+                    failed = Some(format!("ring error {e}"));
+                    done = true;
+                }
+            }
+        }
+    }
+    drop(ring);
+    let u = maps
+        .iter()
+        .map(|&(h, w)| gnttab::unmap(h, w))
+        .find(|r| r.is_err())
+        .unwrap_or(Ok(()));
+    let (f0, n0) = first.unwrap_or((0, 0));
+    let pps = (last.1 - n0) as u128 * 1_000_000_000 / u128::from((last.0 - f0).max(1));
+    if failed.is_none() && bad == 0 && u.is_ok() && last.1 > n0 {
+        if let Some(metric) = param(si.cmdline(), "metric") {
+            println!("METRIC {metric} {pps} packets/s");
+        }
+        println!(
+            "RESULT {} pass {count} 64-byte packets in order and intact, {pps} packets/s, {notifies} notifications, {waits} waits",
+            si.name()
+        );
+    } else {
+        println!(
+            "RESULT {} fail {}; {count} packets, {bad} out of order or corrupt; unmap {u:?}",
+            si.name(),
+            failed.as_deref().unwrap_or("no error"),
         );
     }
     Ok(())

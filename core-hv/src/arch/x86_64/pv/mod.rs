@@ -101,7 +101,17 @@ struct Sink;
 
 impl ConsoleSink for Sink {
     fn write(&mut self, bytes: &[u8]) {
+        console::hv_bytes(bytes);
+    }
+    fn domain_line(&mut self, bytes: &[u8]) {
         console::raw_bytes(bytes);
+    }
+    fn read_log(
+        &mut self,
+        from: u64,
+        out: &mut [u8],
+    ) -> Result<crate::domain::console::RingRead, shared_abi::errno::XenError> {
+        console::read_dmesg(from, out)
     }
 }
 
