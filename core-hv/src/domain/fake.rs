@@ -284,3 +284,27 @@ impl FakePhys {
         self.write(frame, offset, data);
     }
 }
+
+/// A one-vCPU domain config for hypercall tests: `name`, `memory_kib`, `caps`, defaults
+/// otherwise (as a manifest entry with no devices would give).
+pub fn test_config(
+    name: &str,
+    memory_kib: u64,
+    caps: shared_abi::capability::Capabilities,
+) -> super::builder::DomainConfig {
+    use shared_abi::domain_config::LifecycleAction;
+    super::builder::DomainConfig::from_spec(&shared_abi::manifest::DomainSpec {
+        name: name.into(),
+        elf: shared_abi::manifest::Blob { offset: 0, len: 0 },
+        memory_kib,
+        vcpus: 1,
+        weight: 256,
+        cap_percent: 0,
+        capabilities: caps,
+        cmdline: alloc::string::String::new(),
+        devices: Vec::new(),
+        on_poweroff: LifecycleAction::Destroy,
+        on_reboot: LifecycleAction::Destroy,
+        on_crash: LifecycleAction::Destroy,
+    })
+}

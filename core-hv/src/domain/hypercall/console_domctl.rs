@@ -72,22 +72,7 @@ mod tests {
     const BUF: u64 = HEAP_BASE + 0x1000;
 
     fn cfg(name: &str, caps: Capabilities) -> DomainConfig {
-        let mut c = DomainConfig::from_spec(&shared_abi::manifest::DomainSpec {
-            name: name.into(),
-            elf: shared_abi::manifest::Blob { offset: 0, len: 0 },
-            memory_kib: 1024,
-            vcpus: 1,
-            weight: 256,
-            cap_percent: 0,
-            capabilities: caps,
-            cmdline: Default::default(),
-            devices: Vec::new(),
-            on_poweroff: shared_abi::domain_config::LifecycleAction::Destroy,
-            on_reboot: shared_abi::domain_config::LifecycleAction::Destroy,
-            on_crash: shared_abi::domain_config::LifecycleAction::Destroy,
-        });
-        c.capabilities = caps;
-        c
+        crate::domain::fake::test_config(name, 1024, caps)
     }
 
     /// Domain 1 "ctl" with `caps` (running on the one CPU), domain 2 "guest" (paused).

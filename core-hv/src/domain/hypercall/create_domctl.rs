@@ -142,12 +142,10 @@ impl Call<'_, '_> {
 
 #[cfg(test)]
 mod tests {
-    use alloc::string::String;
     use alloc::vec::Vec;
 
     use shared_abi::DomId;
     use shared_abi::capability::Capabilities;
-    use shared_abi::domain_config::LifecycleAction;
     use shared_abi::errno::XenError;
     use shared_abi::hypercall as hc;
     use shared_abi::hypercall_args::Wire;
@@ -166,22 +164,7 @@ mod tests {
     const ELF_VA: u64 = HEAP_BASE + 0x2000;
 
     fn cfg(name: &str, caps: Capabilities) -> DomainConfig {
-        let mut c = DomainConfig::from_spec(&shared_abi::manifest::DomainSpec {
-            name: name.into(),
-            elf: shared_abi::manifest::Blob { offset: 0, len: 0 },
-            memory_kib: 2048,
-            vcpus: 1,
-            weight: 256,
-            cap_percent: 0,
-            capabilities: caps,
-            cmdline: String::new(),
-            devices: Vec::new(),
-            on_poweroff: LifecycleAction::Destroy,
-            on_reboot: LifecycleAction::Destroy,
-            on_crash: LifecycleAction::Destroy,
-        });
-        c.capabilities = caps;
-        c
+        crate::domain::fake::test_config(name, 2048, caps)
     }
 
     /// Domain 1 "ctl" (DOMAIN_CONTROL), domain 2 "plain" (no rights); the test ELF and a

@@ -49,7 +49,6 @@ impl Call<'_, '_> {
 
 #[cfg(test)]
 mod tests {
-    use alloc::vec::Vec;
 
     use shared_abi::DomId;
     use shared_abi::capability::Capabilities;
@@ -59,7 +58,6 @@ mod tests {
     use shared_abi::hypercall_args::domctl::{self as dc, DomctlHeader, MgmtIo};
     use shared_abi::start_info::HEAP_BASE;
 
-    use crate::domain::builder::DomainConfig;
     use crate::domain::elf::testelf;
     use crate::domain::fake::Env;
     use crate::domain::guest_memory::GuestMemory;
@@ -73,21 +71,7 @@ mod tests {
         let mut env = Env::new(4096);
         env.mgmt.present = true;
         let mut hv = Hypervisor::new(1, HvConfig::default(), 0);
-        let mut c = DomainConfig::from_spec(&shared_abi::manifest::DomainSpec {
-            name: "ctl".into(),
-            elf: shared_abi::manifest::Blob { offset: 0, len: 0 },
-            memory_kib: 1024,
-            vcpus: 1,
-            weight: 256,
-            cap_percent: 0,
-            capabilities: caps,
-            cmdline: Default::default(),
-            devices: Vec::new(),
-            on_poweroff: shared_abi::domain_config::LifecycleAction::Destroy,
-            on_reboot: shared_abi::domain_config::LifecycleAction::Destroy,
-            on_crash: shared_abi::domain_config::LifecycleAction::Destroy,
-        });
-        c.capabilities = caps;
+        let c = crate::domain::fake::test_config("ctl", 1024, caps);
         hv.build_domain(&mut env.platform(), &c, &testelf::good())
             .unwrap();
         hv.schedule(&mut env.platform(), 0);
