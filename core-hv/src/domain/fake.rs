@@ -308,3 +308,54 @@ pub fn test_config(
         on_crash: LifecycleAction::Destroy,
     })
 }
+
+/// Issue `domctl` `cmd` (header target `target`, then `payload`) as domain `dom` on `cpu`,
+/// the buffer at `arg` in its memory: the return value and the buffer as the hypervisor left
+/// it (header and payload out-fields).
+#[allow(clippy::too_many_arguments)]
+pub fn domctl(
+    env: &mut Env,
+    hv: &mut super::hypervisor::Hypervisor,
+    dom: shared_abi::DomId,
+    cpu: usize,
+    arg: u64,
+    cmd: u32,
+    target: shared_abi::DomId,
+    payload: &[u8],
+) -> (i64, [u8; shared_abi::hypercall_args::domctl::DOMCTL_LEN]) {
+    use shared_abi::hypercall_args::Wire;
+    use shared_abi::hypercall_args::domctl::{self as dc, DomctlHeader};
+    let mut b = [0u8; dc::DOMCTL_LEN];
+    DomctlHeader {
+        cmd,
+        interface_version: dc::INTERFACE_VERSION,
+        domain: target,
+        pad: [0; 3],
+    }
+    .encode(&mut b);
+    b[16..16 + payload.len()].copy_from_slice(payload);
+    let copy_in = |env: &Env, hv: &super::hypervisor::Hypervisor| {
+        let a = hv.domains.get(dom).and_then(|d| d.aspace.as_deref());
+        let a = a.expect("the caller has an address space");
+        super::guest_memory::GuestMemory::new(a, &env.phys)
+            .copy_to_guest(arg, &b)
+            .expect("domctl buffer in the caller's memory");
+    };
+    copy_in(env, hv);
+    let r = hv
+        .hypercall(
+            &mut env.platform(),
+            cpu,
+            shared_abi::hypercall::DOMCTL,
+            [arg, 0, 0, 0, 0],
+        )
+        .ret;
+    let mut out = [0u8; dc::DOMCTL_LEN];
+    let a = hv.domains.get(dom).and_then(|d| d.aspace.as_deref());
+    if let Some(a) = a {
+        super::guest_memory::GuestMemory::new(a, &env.phys)
+            .copy_from_guest(arg, &mut out)
+            .expect("domctl buffer readable");
+    }
+    (r, out)
+}

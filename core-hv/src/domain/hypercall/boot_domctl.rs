@@ -80,7 +80,7 @@ mod tests {
     use crate::domain::boot::{BootDevices, BootEntry, BootSet};
     use crate::domain::builder::DomainConfig;
     use crate::domain::elf::testelf;
-    use crate::domain::fake::Env;
+    use crate::domain::fake::{self, Env};
     use crate::domain::guest_memory::GuestMemory;
     use crate::domain::hypervisor::{HvConfig, Hypervisor};
     use crate::domain::memory::PhysMem;
@@ -186,19 +186,6 @@ mod tests {
         cmd: u32,
         req: BootDomain,
     ) -> (i64, BootDomain) {
-        let mut b = [0u8; dc::DOMCTL_LEN];
-        DomctlHeader {
-            cmd,
-            interface_version: dc::INTERFACE_VERSION,
-            domain: 0,
-            pad: [0; 3],
-        }
-        .encode(&mut b);
-        req.encode(&mut b[16..]);
-        let a = hv.domains.get(dom).unwrap().aspace.as_deref().unwrap();
-        GuestMemory::new(a, &env.phys)
-            .copy_to_guest(ARG, &b)
-            .unwrap();
         let cpu = (0..4)
             .find(|&c| {
                 hv.sched
@@ -207,14 +194,9 @@ mod tests {
                     .is_some_and(|(d, _)| d == dom)
             })
             .unwrap();
-        let r = hv
-            .hypercall(&mut env.platform(), cpu, hc::DOMCTL, [ARG, 0, 0, 0, 0])
-            .ret;
-        let a = hv.domains.get(dom).unwrap().aspace.as_deref().unwrap();
-        let mut out = [0u8; dc::DOMCTL_LEN];
-        GuestMemory::new(a, &env.phys)
-            .copy_from_guest(ARG, &mut out)
-            .unwrap();
+        let mut p = [0u8; BootDomain::SIZE];
+        req.encode(&mut p);
+        let (r, out) = fake::domctl(env, hv, dom, cpu, ARG, cmd, 0, &p);
         (r, BootDomain::decode(&out[16..]).unwrap())
     }
 

@@ -55,15 +55,14 @@ mod tests {
     use shared_abi::capability::Capabilities;
     use shared_abi::domid::{DOMID_SELF, DOMID_XEN};
     use shared_abi::errno::XenError;
-    use shared_abi::hypercall as hc;
     use shared_abi::hypercall_args::Wire;
-    use shared_abi::hypercall_args::domctl::{self as dc, ConsoleRead, DomctlHeader, MaxMem};
+    use shared_abi::hypercall_args::domctl::{self as dc, ConsoleRead, MaxMem};
     use shared_abi::start_info::HEAP_BASE;
 
     use crate::domain::builder::DomainConfig;
     use crate::domain::console::DOMAIN_HISTORY_BYTES;
     use crate::domain::elf::testelf;
-    use crate::domain::fake::Env;
+    use crate::domain::fake::{self, Env};
     use crate::domain::guest_memory::GuestMemory;
     use crate::domain::hypervisor::{HvConfig, Hypervisor};
     use crate::domain::{DomainState, ExitReason, ShutdownReason};
@@ -96,18 +95,7 @@ mod tests {
     }
 
     fn domctl(env: &mut Env, hv: &mut Hypervisor, cmd: u32, dom: DomId, payload: &[u8]) -> i64 {
-        let mut b = [0u8; dc::DOMCTL_LEN];
-        DomctlHeader {
-            cmd,
-            interface_version: dc::INTERFACE_VERSION,
-            domain: dom,
-            pad: [0; 3],
-        }
-        .encode(&mut b);
-        b[16..16 + payload.len()].copy_from_slice(payload);
-        mem(env, hv, 1).copy_to_guest(ARG, &b).unwrap();
-        hv.hypercall(&mut env.platform(), 0, hc::DOMCTL, [ARG, 0, 0, 0, 0])
-            .ret
+        fake::domctl(env, hv, 1, 0, ARG, cmd, dom, payload).0
     }
 
     /// `CONSOLE_READ` of `dom` from `from`, `len` bytes into BUF: (ret, payload out, data).

@@ -147,15 +147,14 @@ mod tests {
     use shared_abi::DomId;
     use shared_abi::capability::Capabilities;
     use shared_abi::errno::XenError;
-    use shared_abi::hypercall as hc;
     use shared_abi::hypercall_args::Wire;
-    use shared_abi::hypercall_args::domctl::{self as dc, CreateDomain, DomctlHeader};
+    use shared_abi::hypercall_args::domctl::{self as dc, CreateDomain};
     use shared_abi::start_info::HEAP_BASE;
 
     use crate::domain::DomainState;
     use crate::domain::builder::DomainConfig;
     use crate::domain::elf::testelf;
-    use crate::domain::fake::Env;
+    use crate::domain::fake::{self, Env};
     use crate::domain::guest_memory::GuestMemory;
     use crate::domain::hypervisor::{HvConfig, Hypervisor};
 
@@ -212,30 +211,12 @@ mod tests {
         dom: DomId,
         req: CreateDomain,
     ) -> (i64, CreateDomain) {
-        let mut b = [0u8; dc::DOMCTL_LEN];
-        DomctlHeader {
-            cmd: dc::CREATE_DOMAIN,
-            interface_version: dc::INTERFACE_VERSION,
-            domain: 0,
-            pad: [0; 3],
-        }
-        .encode(&mut b);
-        req.encode(&mut b[16..]);
-        let a = hv.domains.get(dom).unwrap().aspace.as_deref().unwrap();
-        GuestMemory::new(a, &env.phys)
-            .copy_to_guest(ARG, &b)
-            .unwrap();
         // One CPU: run the caller on it.
         hv.sched.pause_domain(if dom == 1 { 2 } else { 1 }, 0);
         hv.schedule(&mut env.platform(), 0);
-        let r = hv
-            .hypercall(&mut env.platform(), 0, hc::DOMCTL, [ARG, 0, 0, 0, 0])
-            .ret;
-        let a = hv.domains.get(dom).unwrap().aspace.as_deref().unwrap();
-        let mut out = [0u8; dc::DOMCTL_LEN];
-        GuestMemory::new(a, &env.phys)
-            .copy_from_guest(ARG, &mut out)
-            .unwrap();
+        let mut p = [0u8; CreateDomain::SIZE];
+        req.encode(&mut p);
+        let (r, out) = fake::domctl(env, hv, dom, 0, ARG, dc::CREATE_DOMAIN, 0, &p);
         (r, CreateDomain::decode(&out[16..]).unwrap())
     }
 

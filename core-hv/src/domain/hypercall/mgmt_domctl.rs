@@ -53,13 +53,12 @@ mod tests {
     use shared_abi::DomId;
     use shared_abi::capability::Capabilities;
     use shared_abi::errno::XenError;
-    use shared_abi::hypercall as hc;
     use shared_abi::hypercall_args::Wire;
-    use shared_abi::hypercall_args::domctl::{self as dc, DomctlHeader, MgmtIo};
+    use shared_abi::hypercall_args::domctl::{self as dc, MgmtIo};
     use shared_abi::start_info::HEAP_BASE;
 
     use crate::domain::elf::testelf;
-    use crate::domain::fake::Env;
+    use crate::domain::fake::{self, Env};
     use crate::domain::guest_memory::GuestMemory;
     use crate::domain::hypervisor::{HvConfig, Hypervisor};
 
@@ -86,18 +85,9 @@ mod tests {
     }
 
     fn io(env: &mut Env, hv: &mut Hypervisor, req: MgmtIo) -> i64 {
-        let mut b = [0u8; dc::DOMCTL_LEN];
-        DomctlHeader {
-            cmd: dc::MGMT_IO,
-            interface_version: dc::INTERFACE_VERSION,
-            domain: 0,
-            pad: [0; 3],
-        }
-        .encode(&mut b);
-        req.encode(&mut b[16..]);
-        mem(env, hv, 1).copy_to_guest(ARG, &b).unwrap();
-        hv.hypercall(&mut env.platform(), 0, hc::DOMCTL, [ARG, 0, 0, 0, 0])
-            .ret
+        let mut p = [0u8; MgmtIo::SIZE];
+        req.encode(&mut p);
+        fake::domctl(env, hv, 1, 0, ARG, dc::MGMT_IO, 0, &p).0
     }
 
     fn req(op: u32, len: u32) -> MgmtIo {
