@@ -28,8 +28,8 @@ use shared_abi::blkif::{MAX_RING_PAGE_ORDER, protocol, vdisk};
 use shared_abi::event_channel::EvtchnPort;
 use shared_abi::grant_table::GrantRef;
 use shared_abi::xenbus::{
-    BackendDevice, Store, XenbusError, XenbusState, path, read_bool, read_event_channel,
-    read_grant_ref, read_u64_in,
+    BackendDevice, BackendDir, Store, XenbusError, XenbusState, path, read_bool,
+    read_event_channel, read_grant_ref, read_u64_in,
 };
 
 use crate::engine::{Advertised, MAX_QUEUES, VbdConfig};
@@ -325,10 +325,23 @@ impl BlkbackXenbus {
         self.dev.switch(store, XenbusState::Connected)
     }
 
-    /// The caller tore the engine down after [`Action::Disconnect`]: go Closed.
+    /// The caller tore the engine down after [`Action::Disconnect`]: go Closed, unless the
+    /// backend directory is gone (a forced detach: writing `state` would re-create it).
     pub fn disconnected<S: Store>(&mut self, store: &mut S) -> Result<(), XenbusError> {
         self.connecting = false;
+        if store
+            .read(&path(self.dev.backend_path(), "state"))?
+            .is_none()
+        {
+            return Ok(());
+        }
         self.dev.switch(store, XenbusState::Closed)
+    }
+
+    /// What became of the backend directory since the probe (the toolstack removed it, or
+    /// wrote it again for a new device with the same id).
+    pub fn backend_dir<S: Store>(&self, store: &mut S) -> BackendDir {
+        self.dev.backend_dir(store)
     }
 
     /// Record `err` under `error/<backend>/error` (as `xenbus_dev_fatal`) and go to Closing.

@@ -460,3 +460,44 @@ fn a_read_only_disk_refuses_writes_and_serves_reads() {
     w.front.read(0, &mut buf).unwrap();
     assert!(buf.iter().all(|&b| b == 0));
 }
+
+/// `block-detach` as libxl does it against the real engine with persistent grants: the
+/// toolstack writes `online` = 0 and the backend's Closing; the frontend releases the disk
+/// (straight to Closed), the backend unmaps every persistent grant before it writes Closed,
+/// and every grant of the frontend ends.
+#[test]
+fn toolstack_detach_with_persistent_grants_releases_every_grant() {
+    let mut w = world(offer(true, 256, 2, 2), front(true, 2, 2), 4096, false);
+    assert!(w.front.info().persistent);
+    pattern_roundtrip(&mut w);
+    assert!(
+        w.xen.borrow().mapped_grants(FRONT) > 4,
+        "persistent pages mapped"
+    );
+    let World {
+        xen,
+        backend,
+        front,
+        mut fs,
+    } = w;
+    {
+        let mut s = fs.store.borrow_mut();
+        s.set(&format!("{BE}/online"), "0");
+        s.set(&format!("{BE}/state"), "5");
+    }
+    let r = front.release(&mut fs, FE, 100);
+    assert_eq!(r.result(), Ok(()), "{r:?}");
+    assert_eq!(r.leaked, 0, "{r:?}");
+    let fe_writes: Vec<&str> = fs
+        .log
+        .iter()
+        .filter(|(k, _)| *k == format!("{FE}/state"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(fe_writes.last(), Some(&"6"));
+    assert!(!fe_writes.contains(&"5"), "{fe_writes:?}");
+    assert_eq!(fs.store.borrow().get(&format!("{BE}/state")), Some("6"));
+    assert!(backend.borrow().vbd.is_none());
+    assert_eq!(xen.borrow().mapped_grants(FRONT), 0);
+    assert_eq!(xen.borrow().live_grants(FRONT), 0);
+}

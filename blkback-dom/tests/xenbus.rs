@@ -6,7 +6,10 @@ use blkback_dom::engine::Vbd;
 use blkback_dom::xenbus::{Action, BackendOffer, BlkbackXenbus};
 use shared_abi::PAGE_SIZE;
 use shared_abi::ring::SharedRingMem;
-use shared_abi::xenbus::{MemStore, XenbusError, XenbusState, legal_backend_transition};
+use shared_abi::xenbus::{
+    BackendDir, MemStore, XenbusError, XenbusState, backend_ready_to_probe,
+    legal_backend_transition,
+};
 
 const BE: &str = "/local/domain/0/backend/vbd/7/51712";
 const FE: &str = "/local/domain/7/device/vbd/51712";
@@ -355,4 +358,93 @@ fn transition_table_allows_only_the_protocol() {
     assert!(!legal_backend_transition(Closed, Connected));
     assert!(!legal_backend_transition(Connected, InitWait));
     assert!(!legal_backend_transition(Closing, Connected));
+}
+
+// ------------------------------------------------------------------ hotplug (toolstack detach)
+
+fn connected(s: &mut MemStore) -> BlkbackXenbus {
+    let mut xb = probe(s);
+    front_writes(s, 1, 0);
+    let Action::Connect(c) = xb.frontend_changed(s).unwrap() else {
+        panic!()
+    };
+    let vbd = Vbd::new(
+        c.vbd_config(&BackendOffer::default()),
+        SyncIo::new(RamDisk::new(64, 512).unwrap()),
+        vec![SharedRingMem::new_owned(PAGE_SIZE).unwrap()],
+    )
+    .unwrap();
+    xb.connected(s, &vbd.advertised()).unwrap();
+    xb
+}
+
+fn remove_dir(s: &mut MemStore, dir: &str) {
+    let prefix = format!("{dir}/");
+    s.nodes.retain(|k, _| !k.starts_with(&prefix));
+}
+
+#[test]
+fn toolstack_detach_of_a_connected_disk_closes_after_teardown_and_is_not_probed_again() {
+    let mut s = toolstack();
+    let mut xb = connected(&mut s);
+    // libxl: online = 0 and the backend's state Closing, written by the toolstack.
+    s.set(&format!("{BE}/online"), "0");
+    s.set(&format!("{BE}/state"), "5");
+    assert_eq!(xb.backend_dir(&mut s), BackendDir::Unchanged);
+    // The frontend answers Closed directly (xenbus_frontend_closed).
+    s.set(&format!("{FE}/state"), "6");
+    assert_eq!(
+        xb.frontend_changed(&mut s).unwrap(),
+        Action::Disconnect { remove: true }
+    );
+    assert_eq!(be(&s, "state").as_deref(), Some("5"));
+    xb.disconnected(&mut s).unwrap();
+    assert_eq!(be(&s, "state").as_deref(), Some("6"));
+    // The caller forgot the device; the directory, Closed, waits for the toolstack to
+    // remove it and must not be probed again meanwhile (that would write InitWait over
+    // the Closed the toolstack waits for).
+    assert!(!backend_ready_to_probe(&mut s, BE));
+}
+
+#[test]
+fn forced_detach_of_a_connected_disk_is_removed_without_writing() {
+    let mut s = toolstack();
+    let mut xb = connected(&mut s);
+    remove_dir(&mut s, BE);
+    remove_dir(&mut s, FE);
+    assert_eq!(xb.backend_dir(&mut s), BackendDir::Gone);
+    assert_eq!(xb.frontend_changed(&mut s).unwrap(), Action::Remove);
+    // A caller that still calls disconnected does not re-create the directory.
+    xb.disconnected(&mut s).unwrap();
+    assert!(s.nodes.keys().all(|k| !k.starts_with(BE)), "{:?}", s.nodes);
+}
+
+#[test]
+fn reattaching_the_same_device_is_seen_and_probed_again() {
+    let mut s = toolstack();
+    let mut xb = connected(&mut s);
+    s.set(&format!("{BE}/online"), "0");
+    s.set(&format!("{BE}/state"), "5");
+    s.set(&format!("{FE}/state"), "6");
+    assert_eq!(
+        xb.frontend_changed(&mut s).unwrap(),
+        Action::Disconnect { remove: true }
+    );
+    xb.disconnected(&mut s).unwrap();
+    // The toolstack removes both directories and attaches the same devid again.
+    remove_dir(&mut s, BE);
+    remove_dir(&mut s, FE);
+    let fresh = toolstack();
+    for (k, v) in fresh.nodes {
+        s.set(&k, &v);
+    }
+    assert!(backend_ready_to_probe(&mut s, BE));
+    // A backend that had not forgotten the old device sees it re-created.
+    assert_eq!(xb.backend_dir(&mut s), BackendDir::Recreated);
+    let mut again = probe(&mut s);
+    front_writes(&mut s, 1, 0);
+    assert!(matches!(
+        again.frontend_changed(&mut s).unwrap(),
+        Action::Connect(_)
+    ));
 }

@@ -5,9 +5,10 @@
 //! A declaration is one command-line word `disk=<frontend>:<backend>:<vdev>:<r|rw>` (boot
 //! domain names, the guest's device name `xvd…`, the access). [`parse_disks`] checks every
 //! word strictly; [`disk_plan`] turns one disk, once the names are resolved to domain ids,
-//! into the nodes of [`crate::xenstore_layout::device_entries`] plus `device-type` = `disk` on
-//! both sides, and the permissions libxl gives the two directories (XEN-ABI.md §7.5):
-//! frontend dir `[n<frontend>, r<backend>]`, backend dir `[n<backend>, r<frontend>]`.
+//! into [`crate::xenstore_layout::device_plan`] (the same plan run-time devices get): the
+//! nodes of [`crate::xenstore_layout::device_entries`] plus `device-type` = `disk` on both
+//! sides, and the permissions libxl gives the two directories (XEN-ABI.md §7.5): frontend
+//! dir `[n<frontend>, r<backend>]`, backend dir `[n<backend>, r<frontend>]`.
 //!
 //! Network interfaces likewise: `vif=<frontend>:<backend>:<devid>:<mac>[:<ip>[:<rate>]]`
 //! ([`parse_vifs`], [`vif_plan`], [`restart_plans`]): the MAC as `xx:xx:xx:xx:xx:xx`, the
@@ -24,7 +25,8 @@ use shared_abi::DomId;
 use shared_abi::domain_config::{DiskAccess, DiskSpec, MacFmt, VifSpec};
 use shared_abi::mgmt::DeviceInfo;
 
-use crate::xenstore_layout::{device_entries, device_paths, vbd_devid};
+pub use crate::xenstore_layout::DevicePlan;
+use crate::xenstore_layout::{device_plan, vbd_devid};
 
 /// One declared disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,18 +90,8 @@ pub fn parse_disks(cmdline: &str) -> Result<Vec<BootDisk>, String> {
     Ok(out)
 }
 
-/// What writing one device (a disk or a vif) takes: the directories with their permissions (create and set
-/// these first, so every node written below them inherits them), then the nodes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskPlan {
-    pub devid: u32,
-    /// (directory, permissions in Xen's string form).
-    pub dirs: [(String, [String; 2]); 2],
-    pub entries: Vec<(String, String)>,
-}
-
 /// The plan for `d` served by domain `be` to domain `fe`.
-pub fn disk_plan(fe: DomId, be: DomId, d: &BootDisk) -> Option<DiskPlan> {
+pub fn disk_plan(fe: DomId, be: DomId, d: &BootDisk) -> Option<DevicePlan> {
     let devid = vbd_devid(&d.vdev)?;
     let dev = DeviceInfo::Disk {
         devid,
@@ -110,19 +102,7 @@ pub fn disk_plan(fe: DomId, be: DomId, d: &BootDisk) -> Option<DiskPlan> {
             backend: Some(d.backend.clone()),
         },
     };
-    let [f, b] = device_paths(fe, be, &dev);
-    let mut entries = device_entries(fe, be, &dev);
-    entries.push((format!("{f}/device-type"), "disk".to_string()));
-    entries.push((format!("{b}/device-type"), "disk".to_string()));
-    entries.push((format!("{b}/type"), "phy".to_string()));
-    Some(DiskPlan {
-        devid,
-        dirs: [
-            (f, [format!("n{fe}"), format!("r{be}")]),
-            (b, [format!("n{be}"), format!("r{fe}")]),
-        ],
-        entries,
-    })
+    Some(device_plan(fe, be, &dev))
 }
 
 /// One declared network interface.
@@ -235,7 +215,7 @@ pub fn parse_vifs(cmdline: &str) -> Result<Vec<BootVif>, String> {
 }
 
 /// The plan for vif `v` served by domain `be` to domain `fe`.
-pub fn vif_plan(fe: DomId, be: DomId, v: &BootVif) -> DiskPlan {
+pub fn vif_plan(fe: DomId, be: DomId, v: &BootVif) -> DevicePlan {
     let dev = DeviceInfo::Vif {
         devid: v.devid,
         spec: VifSpec {
@@ -246,20 +226,14 @@ pub fn vif_plan(fe: DomId, be: DomId, v: &BootVif) -> DiskPlan {
             backend: Some(v.backend.clone()),
         },
     };
-    let [f, b] = device_paths(fe, be, &dev);
-    let mut entries = device_entries(fe, be, &dev);
+    let mut plan = device_plan(fe, be, &dev);
     if let Some((bytes, usecs)) = v.rate {
-        entries.push((format!("{b}/rate"), format!("{bytes},{usecs}")));
+        let b = plan.backend_dir().to_string();
+        plan.xs
+            .entries
+            .push((format!("{b}/rate"), format!("{bytes},{usecs}")));
     }
-    entries.push((format!("{b}/type"), "vif".to_string()));
-    DiskPlan {
-        devid: v.devid,
-        dirs: [
-            (f, [format!("n{fe}"), format!("r{be}")]),
-            (b, [format!("n{be}"), format!("r{fe}")]),
-        ],
-        entries,
-    }
+    plan
 }
 
 /// A vif's MAC as xenstore writes it.
@@ -275,7 +249,7 @@ pub trait BootDevice {
     /// The backend's boot domain name.
     fn backend(&self) -> &str;
     /// The plan for frontend domain `fe` and backend domain `be` (`None`: nothing to write).
-    fn plan(&self, fe: DomId, be: DomId) -> Option<DiskPlan>;
+    fn plan(&self, fe: DomId, be: DomId) -> Option<DevicePlan>;
     /// How the log names it: `disk xvda`, `vif 0 (mac 00:16:3e:…)`.
     fn describe(&self) -> String;
 }
@@ -287,7 +261,7 @@ impl BootDevice for BootDisk {
     fn backend(&self) -> &str {
         &self.backend
     }
-    fn plan(&self, fe: DomId, be: DomId) -> Option<DiskPlan> {
+    fn plan(&self, fe: DomId, be: DomId) -> Option<DevicePlan> {
         disk_plan(fe, be, self)
     }
     fn describe(&self) -> String {
@@ -302,7 +276,7 @@ impl BootDevice for BootVif {
     fn backend(&self) -> &str {
         &self.backend
     }
-    fn plan(&self, fe: DomId, be: DomId) -> Option<DiskPlan> {
+    fn plan(&self, fe: DomId, be: DomId) -> Option<DevicePlan> {
         Some(vif_plan(fe, be, self))
     }
     fn describe(&self) -> String {
@@ -323,7 +297,7 @@ pub fn restart_plans<D: BootDevice>(
     old: DomId,
     new: DomId,
     id_of: impl Fn(&str) -> Option<DomId>,
-) -> Vec<(DiskPlan, String)> {
+) -> Vec<(DevicePlan, String)> {
     let mut out = Vec::new();
     for d in devices {
         let (fe, be, old_fe, old_be) = if d.backend() == name {
@@ -342,8 +316,7 @@ pub fn restart_plans<D: BootDevice>(
         let (Some(plan), Some(stale)) = (d.plan(fe, be), d.plan(old_fe, old_be)) else {
             continue;
         };
-        let [_, old_dir] = stale.dirs;
-        out.push((plan, old_dir.0));
+        out.push((plan, stale.backend_dir().to_string()));
     }
     out
 }
@@ -383,12 +356,12 @@ mod tests {
         let d = parse_disks("disk=guest:blkback:xvda:r").unwrap();
         let p = disk_plan(4, 3, &d[0]).unwrap();
         assert_eq!(p.devid, 51712);
-        assert_eq!(p.dirs[0].0, "/local/domain/4/device/vbd/51712");
-        assert_eq!(p.dirs[0].1, ["n4".to_string(), "r3".to_string()]);
-        assert_eq!(p.dirs[1].0, "/local/domain/3/backend/vbd/4/51712");
-        assert_eq!(p.dirs[1].1, ["n3".to_string(), "r4".to_string()]);
+        assert_eq!(p.xs.dirs[0].0, "/local/domain/4/device/vbd/51712");
+        assert_eq!(p.xs.dirs[0].1, ["n4".to_string(), "r3".to_string()]);
+        assert_eq!(p.xs.dirs[1].0, "/local/domain/3/backend/vbd/4/51712");
+        assert_eq!(p.xs.dirs[1].1, ["n3".to_string(), "r4".to_string()]);
         let get = |k: &str| {
-            p.entries
+            p.xs.entries
                 .iter()
                 .find(|(p, _)| p == k)
                 .map(|(_, v)| v.as_str())
@@ -410,9 +383,9 @@ mod tests {
         assert_eq!(get("/local/domain/3/backend/vbd/4/51712/online"), Some("1"));
         // Every node lies under one of the two directories.
         assert!(
-            p.entries
+            p.xs.entries
                 .iter()
-                .all(|(k, _)| k.starts_with(&p.dirs[0].0) || k.starts_with(&p.dirs[1].0))
+                .all(|(k, _)| k.starts_with(&p.xs.dirs[0].0) || k.starts_with(&p.xs.dirs[1].0))
         );
     }
 
@@ -467,12 +440,12 @@ mod tests {
         let v = parse_vifs("vif=guest:netback:0:00:16:3e:00:00:03:10.0.2.15:125000,50000").unwrap();
         let p = vif_plan(4, 2, &v[0]);
         assert_eq!(p.devid, 0);
-        assert_eq!(p.dirs[0].0, "/local/domain/4/device/vif/0");
-        assert_eq!(p.dirs[0].1, ["n4".to_string(), "r2".to_string()]);
-        assert_eq!(p.dirs[1].0, "/local/domain/2/backend/vif/4/0");
-        assert_eq!(p.dirs[1].1, ["n2".to_string(), "r4".to_string()]);
+        assert_eq!(p.xs.dirs[0].0, "/local/domain/4/device/vif/0");
+        assert_eq!(p.xs.dirs[0].1, ["n4".to_string(), "r2".to_string()]);
+        assert_eq!(p.xs.dirs[1].0, "/local/domain/2/backend/vif/4/0");
+        assert_eq!(p.xs.dirs[1].1, ["n2".to_string(), "r4".to_string()]);
         let get = |k: &str| {
-            p.entries
+            p.xs.entries
                 .iter()
                 .find(|(p, _)| p == k)
                 .map(|(_, v)| v.as_str())
@@ -498,22 +471,23 @@ mod tests {
             assert_eq!(get(&k), Some(v), "{k}");
         }
         assert_eq!(
-            p.entries
+            p.xs.entries
                 .iter()
                 .filter(|(k, _)| k.ends_with("/rate"))
                 .count(),
             1
         );
         assert!(
-            p.entries
+            p.xs.entries
                 .iter()
-                .all(|(k, _)| k.starts_with(&p.dirs[0].0) || k.starts_with(&p.dirs[1].0))
+                .all(|(k, _)| k.starts_with(&p.xs.dirs[0].0) || k.starts_with(&p.xs.dirs[1].0))
         );
         // Without ip and rate, neither key.
         let v = parse_vifs("vif=guest:netback:1:00:16:3e:00:00:04").unwrap();
         let p = vif_plan(4, 2, &v[0]);
         assert!(
-            !p.entries
+            !p.xs
+                .entries
                 .iter()
                 .any(|(k, _)| k.ends_with("/ip") || k.ends_with("/rate"))
         );
@@ -534,19 +508,19 @@ mod tests {
         assert_eq!(plans.len(), 1);
         let (p, old) = &plans[0];
         assert_eq!(old, "/local/domain/2/backend/vif/4/0");
-        assert_eq!(p.dirs[1].0, "/local/domain/7/backend/vif/4/0");
-        assert_eq!(p.dirs[0].1, ["n4".to_string(), "r7".to_string()]);
-        assert!(p.entries.contains(&(
+        assert_eq!(p.xs.dirs[1].0, "/local/domain/7/backend/vif/4/0");
+        assert_eq!(p.xs.dirs[0].1, ["n4".to_string(), "r7".to_string()]);
+        assert!(p.xs.entries.contains(&(
             "/local/domain/4/device/vif/0/backend-id".to_string(),
             "7".to_string()
         )));
-        assert!(p.entries.contains(&(
+        assert!(p.xs.entries.contains(&(
             "/local/domain/4/device/vif/0/state".to_string(),
             "1".to_string()
         )));
         let plans = restart_plans(&v, "guest", 4, 9, |n| (n == "netback").then_some(2));
         assert_eq!(plans[0].1, "/local/domain/2/backend/vif/4/0");
-        assert_eq!(plans[0].0.dirs[0].0, "/local/domain/9/device/vif/0");
+        assert_eq!(plans[0].0.xs.dirs[0].0, "/local/domain/9/device/vif/0");
         assert!(restart_plans(&v, "nobody", 1, 2, ids).is_empty());
         assert!(restart_plans(&v, "nb2", 5, 8, |_| None).is_empty());
     }
@@ -563,10 +537,10 @@ mod tests {
         assert_eq!(plans.len(), 1);
         let (p, old) = &plans[0];
         assert_eq!(old, "/local/domain/3/backend/vbd/4/51712");
-        assert_eq!(p.dirs[1].0, "/local/domain/7/backend/vbd/4/51712");
-        assert_eq!(p.dirs[0].1, ["n4".to_string(), "r7".to_string()]);
+        assert_eq!(p.xs.dirs[1].0, "/local/domain/7/backend/vbd/4/51712");
+        assert_eq!(p.xs.dirs[0].1, ["n4".to_string(), "r7".to_string()]);
         let get = |k: &str| {
-            p.entries
+            p.xs.entries
                 .iter()
                 .find(|(p, _)| p == k)
                 .map(|(_, v)| v.as_str())
@@ -584,7 +558,7 @@ mod tests {
         // removed.
         let plans = restart_plans(&d, "guest", 4, 9, |n| (n == "blkback").then_some(3));
         assert_eq!(plans[0].1, "/local/domain/3/backend/vbd/4/51712");
-        assert_eq!(plans[0].0.dirs[0].0, "/local/domain/9/device/vbd/51712");
+        assert_eq!(plans[0].0.xs.dirs[0].0, "/local/domain/9/device/vbd/51712");
         // Unrelated names, unknown peers: nothing.
         assert!(restart_plans(&d, "nobody", 1, 2, ids).is_empty());
         assert!(restart_plans(&d, "blk2", 5, 8, |_| None).is_empty());

@@ -2,9 +2,18 @@
 //! switches to make operations fail. Host tests here and hvctl's tests (as a fake server)
 //! use it; it enforces what the real hypervisor would (unique ids, ESRCH for unknown ids,
 //! an ELF magic check standing in for the builder's validation).
+//!
+//! The store keeps Xen's permissions: every node (`store` holds values, `perms` the list in
+//! Xen's string form, owner first) is created with its parent's list when the toolstack (a
+//! privileged writer) creates it, `/` being `[n0]`. [`FakePlatform::guest_write`] and
+//! [`FakePlatform::guest_read`] apply xenstore's access rule for an unprivileged domain, so a
+//! test sees what a guest may do. [`Release`] says how the devices' other ends answer a
+//! detach (the backend told to close, polled while [`Platform::sleep_ms`] passes fake time).
 
 use alloc::collections::BTreeMap;
+use alloc::format;
 use alloc::string::{String, ToString};
+use alloc::vec;
 use alloc::vec::Vec;
 
 use shared_abi::DomId;
@@ -13,7 +22,21 @@ use shared_abi::domain_config::DomainConfig;
 use shared_abi::errno::XenError;
 use shared_abi::mgmt::RunState;
 
+use crate::xenstore_layout::XsPlan;
 use crate::{Chunk, HvDomain, Platform};
+
+/// How a device's frontend and backend answer the toolstack's close request (a backend
+/// directory with `online` = 0 and `state` = 5), each time fake time passes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Release {
+    /// The frontend closes (state 6), then the backend goes Closed (6).
+    #[default]
+    Cooperate,
+    /// The backend tears the device down and removes its directory.
+    BackendRemoves,
+    /// The frontend ignores it (a guest without hotplug support, or a hung one).
+    Refuse,
+}
 
 #[derive(Debug, Default)]
 pub struct FakePlatform {
@@ -27,12 +50,32 @@ pub struct FakePlatform {
     pub fail_create: Option<XenError>,
     /// Make every `xs_write` fail with this error (after the domain is built).
     pub fail_xs_write: Option<XenError>,
+    /// Let this many more nodes be written (plans count each dir and entry), then fail
+    /// with `EIO`: a store failing halfway through.
+    pub fail_xs_write_after: Option<usize>,
+    /// Every node's permissions (Xen's string form), for every key of `store`.
+    pub perms: BTreeMap<String, Vec<String>>,
+    /// How devices answer a detach.
+    pub release: Release,
+    /// Fake time, advanced by `sleep_ms`.
+    pub clock_ms: u64,
+    /// Make `set_max_memory` fail with this error.
+    pub fail_max_memory: Option<XenError>,
+    /// The lines the engine logged.
+    pub logged: Vec<String>,
     /// Shutdown requests seen: (domid, reason).
     pub shutdowns: Vec<(DomId, u32)>,
+    /// Console input given to each domain and not yet "read" (at most
+    /// [`FAKE_CONSOLE_INPUT_BYTES`] each, as the hypervisor bounds it).
+    pub console_input: BTreeMap<DomId, Vec<u8>>,
+    /// I/O counters `domain_stats` reports (zero for domains not in here).
+    pub io: BTreeMap<DomId, shared_abi::mgmt::DomainIoStats>,
 }
 
 impl FakePlatform {
-    /// A system with boot domains xenstore (0), ctl-dom (1), blkback (2) and netback (3).
+    /// A system with boot domains xenstore (0), ctl-dom (1), blkback (2) and netback (3),
+    /// each with its home `/local/domain/<id>` owned by it (xenstore-dom makes the homes of
+    /// the domains it serves).
     pub fn with_boot_domains() -> Self {
         let mut p = FakePlatform {
             next_id: 4,
@@ -46,6 +89,9 @@ impl FakePlatform {
             (3, "netback", Capabilities::GRANT_MAP),
         ] {
             p.domains.insert(id, dom(id, name, 16384, caps));
+            let home = format!("/local/domain/{id}");
+            p.create_missing(&home, None);
+            p.perms.insert(home, vec![format!("n{id}")]);
         }
         p
     }
@@ -54,6 +100,9 @@ impl FakePlatform {
         self.domains.get_mut(&id).ok_or(XenError::ESRCH)
     }
 }
+
+/// The fake's per-domain console input bound (the hypervisor's `CONSOLE_INPUT_BYTES`).
+pub const FAKE_CONSOLE_INPUT_BYTES: usize = shared_abi::hypercall_args::domctl::CONSOLE_INPUT_BYTES;
 
 fn dom(domid: DomId, name: &str, kib: u64, caps: Capabilities) -> HvDomain {
     HvDomain {
@@ -89,8 +138,8 @@ impl Platform for FakePlatform {
         }
         let id = self.next_id;
         self.next_id = self.next_id.checked_add(1).ok_or(XenError::ENOSPC)?;
+        // The builder's limit is what it gave; `maxmem` is the toolstack's next step.
         let mut d = dom(id, &c.name, c.memory_kib, c.capabilities);
-        d.maxmem_kib = c.maxmem_kib;
         d.vcpus = c.vcpus;
         d.weight = c.weight;
         d.cap_percent = c.cap_percent;
@@ -136,6 +185,22 @@ impl Platform for FakePlatform {
     fn dmesg(&mut self, from: u64, max: usize) -> Result<Chunk, XenError> {
         Ok(chunk(&self.log, from, max))
     }
+    fn console_write(&mut self, id: DomId, data: &[u8]) -> Result<usize, XenError> {
+        self.get(id)?;
+        let buf = self.console_input.entry(id).or_default();
+        let n = data
+            .len()
+            .min(FAKE_CONSOLE_INPUT_BYTES.saturating_sub(buf.len()));
+        if n == 0 && !data.is_empty() {
+            return Err(XenError::EAGAIN);
+        }
+        buf.extend_from_slice(&data[..n]);
+        Ok(n)
+    }
+    fn domain_stats(&mut self, id: DomId) -> Result<shared_abi::mgmt::DomainIoStats, XenError> {
+        self.get(id)?;
+        Ok(self.io.get(&id).cloned().unwrap_or_default())
+    }
     fn xs_introduce(&mut self, id: DomId) -> Result<(), XenError> {
         self.introduced.push(id);
         Ok(())
@@ -148,13 +213,175 @@ impl Platform for FakePlatform {
         if let Some(e) = self.fail_xs_write {
             return Err(e);
         }
-        self.store.insert(path.to_string(), value.to_string());
-        Ok(())
+        self.node(path, Some(value))
     }
     fn xs_rm(&mut self, path: &str) -> Result<(), XenError> {
         let prefix = alloc::format!("{path}/");
         self.store
             .retain(|k, _| k != path && !k.starts_with(&prefix));
+        self.perms
+            .retain(|k, _| k != path && !k.starts_with(&prefix));
         Ok(())
+    }
+    /// Not a transaction: a failure halfway leaves what was written (the engine cleans up).
+    fn xs_write_plan(&mut self, plan: &XsPlan) -> Result<(), XenError> {
+        if let Some(e) = self.fail_xs_write {
+            return Err(e);
+        }
+        for (dir, perms) in &plan.dirs {
+            self.node(dir, None)?;
+            self.perms.insert(dir.clone(), perms.clone());
+        }
+        for (k, v) in &plan.entries {
+            self.node(k, Some(v))?;
+        }
+        Ok(())
+    }
+    fn xs_read(&mut self, path: &str) -> Result<String, XenError> {
+        self.store.get(path).cloned().ok_or(XenError::ENOENT)
+    }
+    fn now_ms(&mut self) -> u64 {
+        self.clock_ms
+    }
+    fn sleep_ms(&mut self, ms: u64) {
+        self.clock_ms += ms;
+        self.answer_close_requests();
+    }
+    fn log(&mut self, line: &str) {
+        self.logged.push(line.to_string());
+    }
+    fn set_max_memory(&mut self, id: DomId, kib: u64) -> Result<(), XenError> {
+        if let Some(e) = self.fail_max_memory {
+            return Err(e);
+        }
+        self.get(id)?.maxmem_kib = kib;
+        Ok(())
+    }
+}
+
+/// `perm_for_conn` for an unprivileged domain: (read, write).
+fn access(who: DomId, perms: &[String]) -> (bool, bool) {
+    let parse = |p: &String| -> Option<(char, DomId)> {
+        let mut c = p.chars();
+        let l = c.next()?;
+        Some((l, c.as_str().parse().ok()?))
+    };
+    let list: Vec<(char, DomId)> = perms.iter().filter_map(parse).collect();
+    let Some(&(first, owner)) = list.first() else {
+        return (false, false);
+    };
+    if owner == who {
+        return (true, true);
+    }
+    let l = list[1..]
+        .iter()
+        .find(|(_, id)| *id == who)
+        .map_or(first, |&(l, _)| l);
+    (matches!(l, 'r' | 'b'), matches!(l, 'w' | 'b'))
+}
+
+fn parent(path: &str) -> &str {
+    match path.rfind('/') {
+        Some(0) | None => "/",
+        Some(i) => &path[..i],
+    }
+}
+
+impl FakePlatform {
+    /// A node's permissions (`[n0]` for `/`).
+    pub fn perms_of(&self, path: &str) -> Option<Vec<String>> {
+        if path == "/" {
+            return Some(vec!["n0".to_string()]);
+        }
+        self.perms.get(path).cloned()
+    }
+
+    /// Create `path` (and missing parents) as a privileged writer does: each new node gets
+    /// its parent's permissions. `value` = `None`: leave an existing node's value.
+    fn node(&mut self, path: &str, value: Option<&str>) -> Result<(), XenError> {
+        if let Some(n) = self.fail_xs_write_after {
+            if n == 0 {
+                return Err(XenError::EIO);
+            }
+            self.fail_xs_write_after = Some(n - 1);
+        }
+        self.create_missing(path, None);
+        if let Some(v) = value {
+            self.store.insert(path.to_string(), v.to_string());
+        }
+        Ok(())
+    }
+
+    /// Create `path` and missing ancestors; `owner` (an unprivileged creator) owns what it
+    /// creates, as xenstore-dom does.
+    fn create_missing(&mut self, path: &str, owner: Option<DomId>) {
+        if path == "/" || self.store.contains_key(path) {
+            return;
+        }
+        let up = parent(path).to_string();
+        self.create_missing(&up, owner);
+        let mut perms = self.perms_of(&up).unwrap_or_else(|| vec!["n0".to_string()]);
+        if let (Some(o), Some(first)) = (owner, perms.first_mut()) {
+            *first = format!("{}{o}", first.chars().next().unwrap_or('n'));
+        }
+        self.store.insert(path.to_string(), String::new());
+        self.perms.insert(path.to_string(), perms);
+    }
+
+    /// What xenstore answers domain `who` (unprivileged) reading `path`.
+    pub fn guest_read(&self, who: DomId, path: &str) -> Result<String, XenError> {
+        let v = self.store.get(path).ok_or(XenError::ENOENT)?;
+        let perms = self.perms_of(path).unwrap_or_default();
+        if access(who, &perms).0 {
+            Ok(v.clone())
+        } else {
+            Err(XenError::EACCES)
+        }
+    }
+
+    /// What xenstore answers domain `who` (unprivileged) writing `path`: an existing node
+    /// needs write access; a new one, write access on its nearest existing ancestor, and
+    /// then belongs to `who`.
+    pub fn guest_write(&mut self, who: DomId, path: &str, value: &str) -> Result<(), XenError> {
+        let mut at = path;
+        while at != "/" && !self.store.contains_key(at) {
+            at = parent(at);
+        }
+        let perms = self.perms_of(at).unwrap_or_default();
+        if !access(who, &perms).1 {
+            return Err(XenError::EACCES);
+        }
+        self.create_missing(path, Some(who));
+        self.store.insert(path.to_string(), value.to_string());
+        Ok(())
+    }
+
+    /// Every backend directory the toolstack asked to close (`online` 0, `state` 5) gets
+    /// the answer [`FakePlatform::release`] says.
+    fn answer_close_requests(&mut self) {
+        let closing: Vec<String> = self
+            .store
+            .iter()
+            .filter(|(k, v)| k.contains("/backend/") && k.ends_with("/state") && *v == "5")
+            .map(|(k, _)| parent(k).to_string())
+            .filter(|b| self.store.get(&format!("{b}/online")).map(String::as_str) == Some("0"))
+            .collect();
+        for b in closing {
+            match self.release {
+                Release::Refuse => {}
+                Release::BackendRemoves => {
+                    let _ = self.xs_rm(&b);
+                }
+                Release::Cooperate => {
+                    if let Some(f) = self.store.get(&format!("{b}/frontend")).cloned() {
+                        let s = format!("{f}/state");
+                        if self.store.contains_key(&s) {
+                            self.store.insert(s, "6".to_string());
+                        }
+                    }
+                    self.store.insert(format!("{b}/state"), "6".to_string());
+                }
+            }
+        }
     }
 }

@@ -12,6 +12,11 @@
 //!   xenstore entries removed: nothing half-built remains.
 //! - A domain's record (config, kernel, devices) lives here exactly as long as the domain,
 //!   or until a restart replaces it.
+//! - Xenstore entries are written as plans ([`xenstore_layout::XsPlan`]: directories with
+//!   libxl's permissions, then nodes): the domain's home readable by it with its writable
+//!   corners owned by it, each device's frontend directory owned by the guest and readable
+//!   by the backend, and the reverse for the backend directory ([`devices`] for hotplug and
+//!   the detach handshake).
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), no_std)]
 
@@ -19,6 +24,7 @@ extern crate alloc;
 
 pub mod boot_devices;
 pub mod boot_lifecycle;
+pub mod devices;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 mod server;
@@ -32,7 +38,7 @@ use alloc::vec::Vec;
 use shared_abi::DomId;
 use shared_abi::capability::Capabilities;
 use shared_abi::domain_config::{
-    ConfigError, DiskSpec, DomainConfig, LifecycleAction, RUNTIME_FORBIDDEN_CAPS, VifSpec,
+    ConfigError, DomainConfig, LifecycleAction, RUNTIME_FORBIDDEN_CAPS,
 };
 use shared_abi::errno::XenError;
 use shared_abi::mgmt::{
@@ -91,11 +97,34 @@ pub trait Platform {
     fn set_memory(&mut self, domid: DomId, kib: u64) -> Result<(), XenError>;
     fn console_read(&mut self, domid: DomId, from: u64, max: usize) -> Result<Chunk, XenError>;
     fn dmesg(&mut self, from: u64, max: usize) -> Result<Chunk, XenError>;
+    /// Give `data` to a domain's console input (`domctl CONSOLE_WRITE`): how many bytes
+    /// were taken (its input buffer is bounded); `EAGAIN` when it is full.
+    fn console_write(&mut self, _domid: DomId, _data: &[u8]) -> Result<usize, XenError> {
+        Err(XenError::ENOSYS)
+    }
+    /// A domain's I/O counters (`domctl DOMAIN_STATS`).
+    fn domain_stats(&mut self, _domid: DomId) -> Result<shared_abi::mgmt::DomainIoStats, XenError> {
+        Err(XenError::ENOSYS)
+    }
     /// Tell xenstore a new domain exists (`XS_INTRODUCE`).
     fn xs_introduce(&mut self, domid: DomId) -> Result<(), XenError>;
     fn xs_release(&mut self, domid: DomId) -> Result<(), XenError>;
     fn xs_write(&mut self, path: &str, value: &str) -> Result<(), XenError>;
     fn xs_rm(&mut self, path: &str) -> Result<(), XenError>;
+    /// Write `plan` all or nothing where the platform can (one transaction): each directory
+    /// made (missing parents too) and given its permissions, in order, then the nodes.
+    fn xs_write_plan(&mut self, plan: &xenstore_layout::XsPlan) -> Result<(), XenError>;
+    /// A node's value; `ENOENT` when it does not exist.
+    fn xs_read(&mut self, path: &str) -> Result<String, XenError>;
+    /// Monotonic time in milliseconds (the detach wait).
+    fn now_ms(&mut self) -> u64;
+    /// Let `ms` milliseconds pass (between polls of a detach handshake).
+    fn sleep_ms(&mut self, ms: u64);
+    /// The hypervisor's memory limit of a domain (`XEN_DOMCTL_max_mem`): a domain is built
+    /// with `memory`, then limited to `maxmem`.
+    fn set_max_memory(&mut self, domid: DomId, kib: u64) -> Result<(), XenError>;
+    /// A line for the system's log (what a hotplug did); the real platform prints it.
+    fn log(&mut self, _line: &str) {}
 }
 
 /// A device the toolstack wired.
@@ -354,26 +383,65 @@ impl<P: Platform> Toolstack<P> {
                 })
             }
             RequestBody::BlockAttach { dom, disk } => self.attach_disk(&dom, disk),
-            RequestBody::BlockDetach { dom, vdev } => {
-                let d = self.find(&dom)?;
-                self.detach(
-                    d.domid,
-                    &dom,
-                    |i| matches!(i, DeviceInfo::Disk { spec, .. } if spec.vdev == vdev),
-                    &vdev,
-                )
-            }
+            RequestBody::BlockDetach {
+                dom,
+                vdev,
+                timeout_ms,
+                force,
+            } => self.detach(&dom, devices::Which::Disk(vdev), timeout_ms, force),
+            RequestBody::ConsoleWrite { dom, data } => self.console_write(&dom, &data),
+            RequestBody::DomainStats => self.domain_stats(),
             RequestBody::NetworkAttach { dom, vif } => self.attach_vif(&dom, vif),
-            RequestBody::NetworkDetach { dom, devid } => {
-                let d = self.find(&dom)?;
-                self.detach(
-                    d.domid,
-                    &dom,
-                    |i| matches!(i, DeviceInfo::Vif { devid: x, .. } if *x == devid),
-                    &format!("vif {devid}"),
-                )
+            RequestBody::NetworkDetach {
+                dom,
+                devid,
+                timeout_ms,
+                force,
+            } => self.detach(&dom, devices::Which::Vif(devid), timeout_ms, force),
+        }
+    }
+
+    /// `ConsoleWrite`: as much of `data` as the domain's input buffer takes now (the client
+    /// resends the rest); an error only when nothing was taken for a reason other than a
+    /// full buffer.
+    fn console_write(&mut self, dom: &DomainRef, data: &[u8]) -> Result<Reply, MgmtError> {
+        if data.len() > MAX_CHUNK {
+            return Err(MgmtError::BadRequest(format!(
+                "console input of {} bytes exceeds the maximum {MAX_CHUNK}",
+                data.len()
+            )));
+        }
+        let d = self.find(dom)?;
+        let mut done = 0usize;
+        while done < data.len() {
+            match self.platform.console_write(d.domid, &data[done..]) {
+                Ok(0) | Err(XenError::EAGAIN) => break,
+                // Never trust a count beyond what was offered.
+                Ok(n) => done += n.min(data.len() - done),
+                Err(e) if done == 0 => return Err(hv("console input")(e)),
+                Err(_) => break,
             }
         }
+        Ok(Reply::Written {
+            accepted: done as u32,
+        })
+    }
+
+    /// `DomainStats`: every listed domain's counters (a domain that went away in between is
+    /// left out).
+    fn domain_stats(&mut self) -> Result<Reply, MgmtError> {
+        let mut out = Vec::new();
+        for d in self.domains()? {
+            match self.platform.domain_stats(d.domid) {
+                Ok(mut s) => {
+                    s.domid = d.domid;
+                    out.push(s);
+                }
+                Err(XenError::ESRCH) => {}
+                Err(e) => return Err(hv("domain stats")(e)),
+            }
+        }
+        Ok(Reply::Stats(out))
     }
 
     fn backend_id(
@@ -447,6 +515,14 @@ impl<P: Platform> Toolstack<P> {
             .platform
             .create(&config, &kernel)
             .map_err(hv("create"))?;
+        // Built with `memory`; the limit it may balloon up to is `maxmem` (as libxl's
+        // `xc_domain_setmaxmem` after the build).
+        if config.maxmem_kib != config.memory_kib
+            && let Err(e) = self.platform.set_max_memory(domid, config.maxmem_kib)
+        {
+            let _ = self.platform.destroy(domid);
+            return Err(hv("create: maxmem")(e));
+        }
         let mut m = Managed {
             config: config.clone(),
             kernel,
@@ -456,39 +532,37 @@ impl<P: Platform> Toolstack<P> {
         };
         let wired = (|| -> Result<(), XenError> {
             self.platform.xs_introduce(domid)?;
-            for (k, v) in xenstore_layout::domain_entries(domid, &config) {
-                self.platform.xs_write(&k, &v)?;
-            }
-            for (i, (d, b)) in config.disks.iter().zip(&disk_backends).enumerate() {
+            self.platform
+                .xs_write_plan(&xenstore_layout::home_plan(domid, &config))?;
+            for (d, b) in config.disks.iter().zip(&disk_backends) {
                 let devid = xenstore_layout::vbd_devid(&d.vdev).ok_or(XenError::EINVAL)?;
-                wire(
-                    &mut self.platform,
-                    domid,
-                    *b,
-                    &DeviceInfo::Disk {
-                        devid,
-                        spec: d.clone(),
-                    },
-                )?;
-                m.devices.push(Device {
-                    info: DeviceInfo::Disk {
-                        devid,
-                        spec: d.clone(),
-                    },
-                    backend: *b,
-                });
-                let _ = i;
+                let info = DeviceInfo::Disk {
+                    devid,
+                    spec: d.clone(),
+                };
+                // Recorded first: a failure below removes whatever was written of it.
+                m.devices.push(Device { info, backend: *b });
+                if let Some(dev) = m.devices.last() {
+                    wire(&mut self.platform, domid, dev)?;
+                }
             }
             for (i, (v, b)) in config.vifs.iter().zip(&vif_backends).enumerate() {
                 let mut spec = v.clone();
                 spec.mac
                     .get_or_insert(xenstore_layout::default_mac(domid, i as u32));
+                // The record keeps the MAC it got (as xl's stored config): a restart keeps
+                // it, and a detach finds the vif's entry by it.
+                if let Some(c) = m.config.vifs.get_mut(i) {
+                    c.mac = spec.mac;
+                }
                 let info = DeviceInfo::Vif {
                     devid: i as u32,
                     spec,
                 };
-                wire(&mut self.platform, domid, *b, &info)?;
                 m.devices.push(Device { info, backend: *b });
+                if let Some(dev) = m.devices.last() {
+                    wire(&mut self.platform, domid, dev)?;
+                }
             }
             self.platform.start(domid)
         })();
@@ -509,109 +583,16 @@ impl<P: Platform> Toolstack<P> {
                 for p in xenstore_layout::device_paths(domid, d.backend, &d.info) {
                     let _ = self.platform.xs_rm(&p);
                 }
+                // The backend's directory of this frontend (`backend/<type>/<fe>`).
+                let _ = self
+                    .platform
+                    .xs_rm(&devices::backend_frontend_dir(domid, d.backend, &d.info));
             }
         }
         let r = self.platform.destroy(domid);
         let _ = self.platform.xs_rm(&format!("/local/domain/{domid}"));
         let _ = self.platform.xs_release(domid);
         r
-    }
-
-    fn attach_disk(&mut self, dom: &DomainRef, disk: DiskSpec) -> Result<Reply, MgmtError> {
-        let d = self.find(dom)?;
-        let all = self.domains()?;
-        let m = self
-            .managed
-            .get(&d.domid)
-            .ok_or_else(|| MgmtError::RefusedByPolicy {
-                operation: "block-attach".to_string(),
-                reason: "boot domains' devices are fixed by the manifest".to_string(),
-            })?;
-        let mut cfg = m.config.clone();
-        cfg.disks.push(disk.clone());
-        cfg.validate()?;
-        let b = self.backend_id(
-            &all,
-            disk.backend.as_ref(),
-            DEFAULT_BLOCK_BACKEND,
-            "disk.backend".into(),
-        )?;
-        let devid =
-            xenstore_layout::vbd_devid(&disk.vdev).ok_or(MgmtError::BadRequest("vdev".into()))?;
-        let info = DeviceInfo::Disk { devid, spec: disk };
-        wire(&mut self.platform, d.domid, b, &info).map_err(hv("block-attach"))?;
-        if let Some(m) = self.managed.get_mut(&d.domid) {
-            m.config = cfg;
-            m.devices.push(Device { info, backend: b });
-        }
-        Ok(Reply::Attached { devid })
-    }
-
-    fn attach_vif(&mut self, dom: &DomainRef, mut vif: VifSpec) -> Result<Reply, MgmtError> {
-        let d = self.find(dom)?;
-        let all = self.domains()?;
-        let m = self
-            .managed
-            .get(&d.domid)
-            .ok_or_else(|| MgmtError::RefusedByPolicy {
-                operation: "network-attach".to_string(),
-                reason: "boot domains' devices are fixed by the manifest".to_string(),
-            })?;
-        let devid = m
-            .devices
-            .iter()
-            .filter_map(|x| match x.info {
-                DeviceInfo::Vif { devid, .. } => Some(devid + 1),
-                _ => None,
-            })
-            .max()
-            .unwrap_or(0);
-        vif.mac
-            .get_or_insert(xenstore_layout::default_mac(d.domid, devid));
-        let mut cfg = m.config.clone();
-        cfg.vifs.push(vif.clone());
-        cfg.validate()?;
-        let b = self.backend_id(
-            &all,
-            vif.backend.as_ref(),
-            DEFAULT_NET_BACKEND,
-            "vif.backend".into(),
-        )?;
-        let info = DeviceInfo::Vif { devid, spec: vif };
-        wire(&mut self.platform, d.domid, b, &info).map_err(hv("network-attach"))?;
-        if let Some(m) = self.managed.get_mut(&d.domid) {
-            m.config = cfg;
-            m.devices.push(Device { info, backend: b });
-        }
-        Ok(Reply::Attached { devid })
-    }
-
-    fn detach(
-        &mut self,
-        domid: DomId,
-        dom: &DomainRef,
-        matches: impl Fn(&DeviceInfo) -> bool,
-        shown: &str,
-    ) -> Result<Reply, MgmtError> {
-        let no_dev = || MgmtError::NoSuchDevice {
-            dom: dom.clone(),
-            device: shown.to_string(),
-        };
-        let m = self.managed.get_mut(&domid).ok_or_else(no_dev)?;
-        let i = m
-            .devices
-            .iter()
-            .position(|d| matches(&d.info))
-            .ok_or_else(no_dev)?;
-        let dev = m.devices.remove(i);
-        match &dev.info {
-            DeviceInfo::Disk { spec, .. } => m.config.disks.retain(|d| d.vdev != spec.vdev),
-            DeviceInfo::Vif { spec, .. } => m.config.vifs.retain(|v| v.mac != spec.mac),
-        }
-        for p in xenstore_layout::device_paths(domid, dev.backend, &dev.info) {
-            let _ = self.platform.xs_rm(&p);
-        }
-        Ok(Reply::Done)
     }
 
     /// Tear down a domain this toolstack built whatever its policy says (a restart limit was
@@ -660,19 +641,16 @@ impl<P: Platform> Toolstack<P> {
     }
 }
 
-/// Write the frontend and backend nodes of one device (state Initialising).
-fn wire<P: Platform>(
-    p: &mut P,
-    domid: DomId,
-    backend: DomId,
-    dev: &DeviceInfo,
-) -> Result<(), XenError> {
-    for (k, v) in xenstore_layout::device_entries(domid, backend, dev) {
-        p.xs_write(&k, &v)?;
-    }
-    Ok(())
+/// Write one device's plan (its directories with their permissions, its nodes in state
+/// Initialising).
+fn wire<P: Platform>(p: &mut P, domid: DomId, dev: &Device) -> Result<(), XenError> {
+    p.xs_write_plan(&xenstore_layout::device_plan(domid, dev.backend, &dev.info).xs)
 }
 
+#[cfg(test)]
+mod console_stats_tests;
+#[cfg(test)]
+mod device_tests;
 #[cfg(test)]
 mod tests;
 
@@ -747,6 +725,21 @@ mod hook_tests {
         }
         fn xs_rm(&mut self, p: &str) -> Result<(), XenError> {
             self.inner.xs_rm(p)
+        }
+        fn xs_write_plan(&mut self, p: &xenstore_layout::XsPlan) -> Result<(), XenError> {
+            self.inner.xs_write_plan(p)
+        }
+        fn xs_read(&mut self, p: &str) -> Result<String, XenError> {
+            self.inner.xs_read(p)
+        }
+        fn now_ms(&mut self) -> u64 {
+            self.inner.now_ms()
+        }
+        fn sleep_ms(&mut self, ms: u64) {
+            self.inner.sleep_ms(ms)
+        }
+        fn set_max_memory(&mut self, id: DomId, kib: u64) -> Result<(), XenError> {
+            self.inner.set_max_memory(id, kib)
         }
     }
 

@@ -2,6 +2,19 @@
 //! backend pairs of each device (`/local/domain/<fe>/device/<type>/<devid>` and
 //! `/local/domain/<be>/backend/<type>/<fe>/<devid>`), both starting in xenbus state 1
 //! (Initialising). Pure functions, so the layout is tested without a store.
+//!
+//! What is written comes as an [`XsPlan`]: directories with the permissions libxl gives them
+//! (created and given their permissions first, so every node a privileged writer creates
+//! below inherits them — xenstore-dom's rule, as Xen's), then the nodes.
+//!
+//! - A device ([`device_plan`], the one plan for boot devices and run-time ones): frontend
+//!   dir `[n<fe>, r<be>]` (the guest owns it: it writes its `state`, ring refs, event
+//!   channels), backend dir `[n<be>, r<fe>]`; `device-type` on both sides of a disk, the
+//!   backend's `type` (`phy`, `vif`).
+//! - A domain's home ([`home_plan`], libxl's `libxl__domain_make`): `/local/domain/<id>`,
+//!   `device` and `control` `[n0, r<id>]` (the domain reads what the toolstack says, cannot
+//!   rewrite it), and owned by the domain: `control/shutdown` and `control/feature-*`,
+//!   `data`, `drivers`, `feature`, `attr`, `error` (where a guest writes).
 
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -56,11 +69,104 @@ pub fn domain_entries(domid: DomId, c: &DomainConfig) -> Vec<(String, String)> {
     ]
 }
 
+/// Directories to create with their permissions (Xen's string form, owner first), in order,
+/// then nodes to write.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct XsPlan {
+    pub dirs: Vec<(String, Vec<String>)>,
+    pub entries: Vec<(String, String)>,
+}
+
+/// What writing one device (a disk or a vif) takes: `xs.dirs` are the frontend directory
+/// then the backend directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DevicePlan {
+    pub devid: u32,
+    pub xs: XsPlan,
+}
+
+impl DevicePlan {
+    /// The frontend directory.
+    pub fn frontend_dir(&self) -> &str {
+        self.xs.dirs.first().map_or("", |d| d.0.as_str())
+    }
+    /// The backend directory.
+    pub fn backend_dir(&self) -> &str {
+        self.xs.dirs.get(1).map_or("", |d| d.0.as_str())
+    }
+}
+
+/// The plan for device `dev` of domain `fe` served by domain `be`: its two directories with
+/// libxl's permissions and every node ([`device_entries`] plus `device-type` / `type`).
+pub fn device_plan(fe: DomId, be: DomId, dev: &DeviceInfo) -> DevicePlan {
+    let [f, b] = device_paths(fe, be, dev);
+    let mut entries = device_entries(fe, be, dev);
+    let devid = match dev {
+        DeviceInfo::Disk { devid, .. } => {
+            entries.push((format!("{f}/device-type"), "disk".to_string()));
+            entries.push((format!("{b}/device-type"), "disk".to_string()));
+            entries.push((format!("{b}/type"), "phy".to_string()));
+            *devid
+        }
+        DeviceInfo::Vif { devid, .. } => {
+            entries.push((format!("{b}/type"), "vif".to_string()));
+            *devid
+        }
+    };
+    DevicePlan {
+        devid,
+        xs: XsPlan {
+            dirs: vec![
+                (f, vec![format!("n{fe}"), format!("r{be}")]),
+                (b, vec![format!("n{be}"), format!("r{fe}")]),
+            ],
+            entries,
+        },
+    }
+}
+
+/// The directories under a domain's home that the domain itself owns (libxl's `rwperm`).
+pub const GUEST_WRITABLE: [&str; 9] = [
+    "control/shutdown",
+    "control/feature-poweroff",
+    "control/feature-reboot",
+    "control/feature-suspend",
+    "data",
+    "drivers",
+    "feature",
+    "attr",
+    "error",
+];
+
+/// A domain's home (`libxl__domain_make`): readable by the domain, its writable corners
+/// owned by it, and its own nodes ([`domain_entries`]).
+pub fn home_plan(domid: DomId, c: &DomainConfig) -> XsPlan {
+    let base = format!("/local/domain/{domid}");
+    let ro = || vec!["n0".to_string(), format!("r{domid}")];
+    let mut dirs = vec![
+        (base.clone(), ro()),
+        (format!("{base}/device"), ro()),
+        (format!("{base}/control"), ro()),
+    ];
+    for d in GUEST_WRITABLE {
+        dirs.push((format!("{base}/{d}"), vec![format!("n{domid}")]));
+    }
+    XsPlan {
+        dirs,
+        entries: domain_entries(domid, c),
+    }
+}
+
 fn kind(dev: &DeviceInfo) -> (&'static str, u32) {
     match dev {
         DeviceInfo::Disk { devid, .. } => ("vbd", *devid),
         DeviceInfo::Vif { devid, .. } => ("vif", *devid),
     }
+}
+
+/// The xenstore name of a device's kind: `vbd` or `vif`.
+pub fn kind_name(dev: &DeviceInfo) -> &'static str {
+    kind(dev).0
 }
 
 /// Frontend directory and backend directory of a device.

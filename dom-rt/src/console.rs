@@ -4,6 +4,10 @@
 
 use core::fmt::{self, Write};
 
+use shared_abi::errno::XenError;
+use shared_abi::event_channel::virq;
+use shared_abi::hypercall::{self as hc, console_io};
+
 use crate::hypercall;
 
 /// Formats into a fixed buffer and writes it out when full and when dropped.
@@ -51,6 +55,105 @@ impl Write for ConsoleWriter {
 impl Drop for ConsoleWriter {
     fn drop(&mut self) {
         self.flush();
+    }
+}
+
+/// Read console input (what `hvctl console` typed, given by the toolstack) into `buf`:
+/// `console_io(CONSOLEIO_read)`; how many bytes, 0 when none is waiting. Never waits.
+pub fn read(buf: &mut [u8]) -> Result<usize, XenError> {
+    let n = hypercall::call(
+        hc::CONSOLE_IO,
+        [
+            console_io::READ,
+            buf.len() as u64,
+            buf.as_mut_ptr() as u64,
+            0,
+            0,
+        ],
+    )?;
+    // Never more than asked: anything else is refused, not trusted.
+    usize::try_from(n)
+        .ok()
+        .filter(|&n| n <= buf.len())
+        .ok_or(XenError::EIO)
+}
+
+/// Console input with a way to wait for it: `VIRQ_CONSOLE`, which the hypervisor raises
+/// in this domain when input arrives.
+#[derive(Debug)]
+pub struct Input {
+    port: u32,
+}
+
+impl Input {
+    /// Bind `VIRQ_CONSOLE` (once per domain).
+    pub fn new() -> Result<Self, XenError> {
+        let port = crate::evtchn::bind_virq(virq::CONSOLE, 0)?;
+        Ok(Input { port })
+    }
+
+    /// The `VIRQ_CONSOLE` port.
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+
+    /// Read at least one byte of input into `buf`, blocking until some arrives.
+    pub fn read_blocking(
+        &mut self,
+        waiter: &mut crate::event::Waiter,
+        buf: &mut [u8],
+    ) -> Result<usize, XenError> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            // Read first: input given before the VIRQ was bound raised nothing.
+            let n = read(buf)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            waiter.wait(self.port)?;
+        }
+    }
+}
+
+/// Splits console input into lines (`\n` or `\r` ends one; a lone `\n` after `\r` is
+/// skipped, so CRLF is one end). Lines longer than `N` bytes are cut at `N`.
+#[derive(Debug)]
+pub struct LineBuffer<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+    after_cr: bool,
+}
+
+impl<const N: usize> Default for LineBuffer<N> {
+    fn default() -> Self {
+        LineBuffer {
+            buf: [0; N],
+            len: 0,
+            after_cr: false,
+        }
+    }
+}
+
+impl<const N: usize> LineBuffer<N> {
+    /// Feed input bytes; `f` gets each finished line (without its end).
+    pub fn feed(&mut self, bytes: &[u8], mut f: impl FnMut(&[u8])) {
+        for &b in bytes {
+            let after_cr = core::mem::replace(&mut self.after_cr, b == b'\r');
+            if b == b'\n' && after_cr {
+                continue;
+            }
+            if b == b'\n' || b == b'\r' || self.len == N {
+                f(&self.buf[..self.len]);
+                self.len = 0;
+                if b == b'\n' || b == b'\r' {
+                    continue;
+                }
+            }
+            self.buf[self.len] = b;
+            self.len += 1;
+        }
     }
 }
 
@@ -111,6 +214,43 @@ pub fn level_from_cmdline(cmdline: &str) -> log::LevelFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_split_on_lf_cr_and_crlf_and_long_lines_are_cut() {
+        let mut l = LineBuffer::<4>::default();
+        let mut got = alloc::vec::Vec::new();
+        l.feed(b"ab\ncd\r\nef", |x| got.push(x.to_vec()));
+        l.feed(b"\rabcdefg\n\n", |x| got.push(x.to_vec()));
+        let want: [&[u8]; 6] = [b"ab", b"cd", b"ef", b"abcd", b"efg", b""];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn read_takes_what_is_waiting_and_refuses_impossible_counts() {
+        use crate::hypercall::MOCK;
+        fn fake(nr: u64, a: [u64; 5]) -> i64 {
+            if nr != hc::CONSOLE_IO || a[0] != console_io::READ {
+                return XenError::ENOSYS.as_ret();
+            }
+            if a[1] == 99 {
+                return 100;
+            }
+            let n = a[1].min(3) as usize;
+            // SAFETY: `read` passes a live buffer of `a[1]` bytes.
+            unsafe { core::slice::from_raw_parts_mut(a[2] as *mut u8, n) }
+                .copy_from_slice(&b"hey"[..n]);
+            n as i64
+        }
+        let _g = crate::hypercall::TEST_LOCK.lock();
+        *MOCK.lock() = Some(fake);
+        let mut b = [0u8; 8];
+        let r = read(&mut b);
+        let mut b99 = [0u8; 99];
+        let liar = read(&mut b99);
+        *MOCK.lock() = None;
+        assert_eq!((r, &b[..3]), (Ok(3), &b"hey"[..]));
+        assert_eq!(liar, Err(XenError::EIO));
+    }
 
     #[test]
     fn loglevel_is_read_from_the_command_line() {

@@ -286,6 +286,91 @@ pub fn set_max_mem(domid: DomId, kib: u64) -> Result<(), XenError> {
     call(hc::DOMCTL, [b.as_mut_ptr() as u64, 0, 0, 0, 0]).map(|_| ())
 }
 
+/// `CONSOLE_WRITE`: give `data` (at most [`dc::CONSOLE_WRITE_MAX`] bytes are offered) to
+/// `domid`'s console input; how many bytes it took (fewer when its buffer is nearly full).
+/// A full buffer is `EAGAIN`: try again once the domain has read some.
+pub fn console_write(domid: DomId, data: &[u8]) -> Result<usize, XenError> {
+    let len = data.len().min(dc::CONSOLE_WRITE_MAX as usize);
+    let mut b = header(dc::CONSOLE_WRITE, domid);
+    dc::ConsoleWrite {
+        // The hypervisor only reads from the buffer.
+        buffer: data.as_ptr() as u64,
+        len: len as u32,
+        ..dc::ConsoleWrite::default()
+    }
+    .encode(&mut b[16..]);
+    let n = call(hc::DOMCTL, [b.as_mut_ptr() as u64, 0, 0, 0, 0])?;
+    // Never more than offered: anything else is refused, not trusted.
+    usize::try_from(n)
+        .ok()
+        .filter(|&n| n <= len)
+        .ok_or(XenError::EIO)
+}
+
+/// `DOMAIN_STATS`: `domid`'s I/O counters.
+pub fn domain_stats(domid: DomId) -> Result<dc::DomainStats, XenError> {
+    let mut b = header(dc::DOMAIN_STATS, domid);
+    call(hc::DOMCTL, [b.as_mut_ptr() as u64, 0, 0, 0, 0])?;
+    dc::DomainStats::decode(&b[16..]).ok_or(XenError::EIO)
+}
+
+#[cfg(test)]
+mod console_input_tests {
+    use super::*;
+    use crate::hypercall::MOCK;
+
+    /// Takes at most 5 bytes for domain 3, ESRCH for others; stats for domain 3.
+    fn fake(nr: u64, a: [u64; 5]) -> i64 {
+        if nr != hc::DOMCTL {
+            return XenError::ENOSYS.as_ret();
+        }
+        // SAFETY: the wrappers pass a live DOMCTL_LEN buffer and a live data buffer of `len`.
+        unsafe {
+            let b = core::slice::from_raw_parts_mut(a[0] as *mut u8, dc::DOMCTL_LEN);
+            let h = DomctlHeader::decode(b).unwrap();
+            match (h.cmd, h.domain) {
+                (dc::CONSOLE_WRITE, 3) => {
+                    let r = dc::ConsoleWrite::decode(&b[16..]).unwrap();
+                    assert!(r.len <= dc::CONSOLE_WRITE_MAX);
+                    let data = core::slice::from_raw_parts(r.buffer as *const u8, r.len as usize);
+                    assert!(data.starts_with(b"a"));
+                    data.len().min(5) as i64
+                }
+                (dc::CONSOLE_WRITE, 4) => 9999,
+                (dc::DOMAIN_STATS, 3) => {
+                    dc::DomainStats {
+                        evtchn_sends: 7,
+                        grant_copy_bytes: 4096,
+                        ..Default::default()
+                    }
+                    .encode(&mut b[16..]);
+                    0
+                }
+                _ => XenError::ESRCH.as_ret(),
+            }
+        }
+    }
+
+    #[test]
+    fn console_write_and_stats_decode_and_refuse_impossible_counts() {
+        let _g = crate::hypercall::TEST_LOCK.lock();
+        *MOCK.lock() = Some(fake);
+        let short = console_write(3, b"abcdefgh");
+        let all = console_write(3, b"abc");
+        let big = console_write(3, &[b'a'; 5000]);
+        let liar = console_write(4, b"ab");
+        let missing = console_write(9, b"ab");
+        let stats = domain_stats(3);
+        let no_stats = domain_stats(9);
+        *MOCK.lock() = None;
+        assert_eq!((short, all, big), (Ok(5), Ok(3), Ok(5)));
+        assert_eq!((liar, missing), (Err(XenError::EIO), Err(XenError::ESRCH)));
+        let s = stats.unwrap();
+        assert_eq!((s.evtchn_sends, s.grant_copy_bytes), (7, 4096));
+        assert_eq!(no_stats, Err(XenError::ESRCH));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

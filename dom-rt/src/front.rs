@@ -114,3 +114,96 @@ pub(crate) fn set_state<S: XsStore>(
     store.write(&path(dir, "state"), st.as_str())?;
     Ok(())
 }
+
+/// Most store waits a release spends retrying grants the backend still maps (a backend
+/// tearing down on its own after a forced detach may not have unmapped yet).
+pub(crate) const GRANT_RETRY_ROUNDS: u32 = 2000;
+
+/// How a frontend's release of a device ended ([`crate::blkfront::Blkfront::release`],
+/// [`crate::netfront::Netfront::release`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Released {
+    /// The backend was Closing or Closed (or its directory was gone) in time.
+    pub backend_closing: bool,
+    /// The backend reached Closed (or its directory went away) in time: it unmapped
+    /// everything.
+    pub backend_closed: bool,
+    /// The frontend directory was gone (a forced detach): nothing was written to it.
+    pub frontend_gone: bool,
+    /// Grants ended.
+    pub ended: usize,
+    /// Grants the backend still mapped: they stay, and their pages are leaked (never reused).
+    pub leaked: usize,
+    /// Operations (blkfront) or tx frames (netfront) in flight that failed or were dropped.
+    pub dropped: usize,
+}
+
+impl Released {
+    /// As a result: a timeout if the backend never reached Closing (`waiting_for` =
+    /// "Closing") or never reached Closed ("Closed").
+    pub fn result(&self) -> Result<(), BlkError> {
+        if !self.backend_closing {
+            Err(BlkError::Timeout {
+                waiting_for: "Closing",
+            })
+        } else if !self.backend_closed {
+            Err(BlkError::Timeout {
+                waiting_for: "Closed",
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The frontend half of the xenbus close handshake, shared by blkfront and netfront (Linux's
+/// `xenbus_dev_shutdown` / `xenbus_frontend_closed`): unless the backend already closes
+/// (a toolstack detach: it went Closing, or its directory is gone), go Closing and wait for
+/// it to; then go Closed, and wait for the backend's Closed (it unmaps everything before it
+/// writes that). Each wait is bounded by `rounds` store waits; a backend that never answers
+/// is reported in the result, never waited for forever. Nothing is written to a frontend
+/// directory that is gone (the toolstack removed the device): that would re-create it.
+/// Only the `backend_*` and `frontend_gone` fields are filled in.
+pub(crate) fn close_handshake<S: XsStore>(
+    store: &mut S,
+    frontend_dir: &str,
+    backend: &str,
+    rounds: u32,
+) -> Released {
+    let state = |store: &mut S| read_state(store, backend).unwrap_or(XenbusState::Unknown);
+    let closing = |s: XenbusState| {
+        matches!(
+            s,
+            XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown
+        )
+    };
+    let closed = |s: XenbusState| matches!(s, XenbusState::Closed | XenbusState::Unknown);
+    // A `state` node we cannot read counts as gone too: writing there cannot help.
+    let mut r = Released {
+        frontend_gone: !matches!(store.read(&path(frontend_dir, "state")), Ok(Some(_))),
+        ..Released::default()
+    };
+    if !closing(state(store)) && !r.frontend_gone {
+        let _ = set_state(store, frontend_dir, XenbusState::Closing);
+    }
+    for _ in 0..=rounds {
+        if closing(state(store)) {
+            r.backend_closing = true;
+            break;
+        }
+        store.wait();
+    }
+    if !r.frontend_gone {
+        let _ = set_state(store, frontend_dir, XenbusState::Closed);
+    }
+    if r.backend_closing {
+        for _ in 0..=rounds {
+            if closed(state(store)) {
+                r.backend_closed = true;
+                break;
+            }
+            store.wait();
+        }
+    }
+    r
+}

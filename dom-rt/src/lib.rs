@@ -14,7 +14,10 @@
 //!   calls ([`evtchn`]) and grant tables from both sides with shared-ring regions
 //!   ([`gnttab`]);
 //! - for driver domains, assigned PCI functions, BAR mappings, MSI-X interrupts as events,
-//!   DMA buffers and `virtio-drivers` support ([`device`]).
+//!   DMA buffers and `virtio-drivers` support ([`device`]);
+//! - split-driver frontends ([`blkfront`], [`netfront`] on the seams of [`front`]) and
+//!   device hotplug for them ([`hotplug`]: devices the toolstack attaches and detaches while
+//!   the domain runs).
 //!
 //! `domain.ld` (next to this crate's manifest) is the linker script every domain uses; a
 //! domain's `build.rs` passes it for `target_os = "none"` only, so domain crates still build
@@ -35,6 +38,7 @@ pub mod event;
 pub mod evtchn;
 pub mod front;
 pub mod gnttab;
+pub mod hotplug;
 pub mod hypercall;
 pub mod netfront;
 pub mod time;

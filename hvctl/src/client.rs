@@ -18,6 +18,8 @@ use shared_abi::mgmt::{
 
 /// Bytes written between two progress reports.
 pub const PROGRESS_CHUNK: usize = 4096;
+/// How often [`Client::call_waiting`] reports that it is still waiting.
+pub const TICK: Duration = Duration::from_secs(1);
 
 /// Why a call did not get an answer from ctl-dom.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,28 @@ impl Client {
         body: RequestBody,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Reply, ClientError> {
+        self.exchange(body, progress, self.timeout, &mut |_| {})
+    }
+
+    /// [`Client::call`] for a request the server may take long to answer (a detach waiting
+    /// for the guest): the answer may take `wait` instead of the connection's timeout, and
+    /// `tick(elapsed)` runs about every [`TICK`] while none has come.
+    pub fn call_waiting(
+        &mut self,
+        body: RequestBody,
+        wait: Duration,
+        tick: &mut dyn FnMut(Duration),
+    ) -> Result<Reply, ClientError> {
+        self.exchange(body, &mut |_, _| {}, wait, tick)
+    }
+
+    fn exchange(
+        &mut self,
+        body: RequestBody,
+        progress: &mut dyn FnMut(usize, usize),
+        wait: Duration,
+        tick: &mut dyn FnMut(Duration),
+    ) -> Result<Reply, ClientError> {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
         let frame = mgmt::encode_request(&Request { id, body }).map_err(ClientError::Protocol)?;
@@ -87,7 +111,8 @@ impl Client {
             progress(sent, frame.len());
         }
         self.stream.flush()?;
-        let deadline = Instant::now() + self.timeout;
+        let start = Instant::now();
+        let deadline = start + wait;
         let mut buf = [0u8; 4096];
         loop {
             while let Some(f) = self.decoder.next_frame() {
@@ -105,19 +130,20 @@ impl Client {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(ClientError::Timeout(self.timeout));
+                return Err(ClientError::Timeout(wait));
             }
-            self.stream.set_read_timeout(Some(left))?;
+            self.stream.set_read_timeout(Some(left.min(TICK)))?;
             match self.stream.read(&mut buf) {
                 Ok(0) => return Err(ClientError::Closed),
                 Ok(n) => self.decoder.push(&buf[..n]),
+                // Still waiting: the deadline is checked above.
                 Err(e)
                     if matches!(
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    return Err(ClientError::Timeout(self.timeout));
+                    tick(start.elapsed());
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),

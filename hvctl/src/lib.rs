@@ -8,7 +8,9 @@
 
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod elf;
+pub mod top;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -58,7 +60,8 @@ pub struct Cli {
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Seconds to wait for each answer.
+    /// Seconds to wait for each answer; for block-detach and network-detach, how long the
+    /// guest has to release the device (1..=300).
     #[arg(long, global = true, default_value_t = 10)]
     pub timeout: u64,
     #[command(subcommand)]
@@ -67,7 +70,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
-    /// List domains: name, id, memory, vCPUs, state, CPU time.
+    /// List domains: name, id, memory and its limit (MiB), vCPUs, state, CPU time.
     List,
     /// Show one domain in detail: limits, lifecycle actions, devices.
     Info { domain: String },
@@ -88,9 +91,15 @@ pub enum Cmd {
     Pause { domain: String },
     /// Resume a paused domain.
     Unpause { domain: String },
-    /// Print a domain's console output; follows it until the domain is gone unless --no-follow.
+    /// Attach to a domain's console: its history, then live output and your input.
+    ///
+    /// On a terminal: raw mode, keystrokes go to the domain, Ctrl-] detaches (the terminal is
+    /// restored). Not a terminal (pipe, file): the input is sent as it is and the command
+    /// detaches at its end, once the domain's output has been quiet for a moment. Ends when
+    /// the domain is gone.
     Console {
         domain: String,
+        /// Print the history only: no input, no following.
         #[arg(long)]
         no_follow: bool,
     },
@@ -109,22 +118,58 @@ pub enum Cmd {
     },
     /// Attach a virtual disk: "target,vdev[,access]" or "target=..,vdev=..,access=..,backend=..".
     BlockAttach { domain: String, disk: String },
-    /// Detach a virtual disk by vdev (e.g. xvdb).
-    BlockDetach { domain: String, vdev: String },
+    /// Detach a virtual disk by vdev (e.g. xvdb), through the xenbus close handshake.
+    ///
+    /// The backend is asked to close the device; the guest's frontend has --timeout seconds
+    /// (default 10, at most 300) to release it, while a progress line counts. A guest that
+    /// does not keeps the disk (nothing changes; exit status 1 names both sides' states);
+    /// --force removes it anyway.
+    BlockDetach {
+        /// The domain, by id or name.
+        domain: String,
+        /// The disk as the guest names it (xvdb).
+        vdev: String,
+        /// Remove the disk at once without asking the guest (its backend tears it down; a
+        /// guest still using it sees it vanish).
+        #[arg(long)]
+        force: bool,
+    },
     /// Attach a virtual network interface: "mac=..,ip=..,rate=..,backend=.." (all optional).
     NetworkAttach {
         domain: String,
         #[arg(default_value = "")]
         vif: String,
     },
-    /// Detach a virtual network interface by device id.
-    NetworkDetach { domain: String, devid: u32 },
-    /// CPU usage per domain, sampled over --delay seconds.
+    /// Detach a virtual network interface by device id, through the xenbus close handshake.
+    ///
+    /// The backend is asked to close the interface; the guest's frontend has --timeout
+    /// seconds (default 10, at most 300) to release it, while a progress line counts. A
+    /// guest that does not keeps it (nothing changes; exit status 1 names both sides'
+    /// states); --force removes it anyway.
+    NetworkDetach {
+        /// The domain, by id or name.
+        domain: String,
+        /// The vif's device id (`info` lists them).
+        devid: u32,
+        /// Remove the interface at once without asking the guest (its backend tears it
+        /// down).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Live CPU, memory and I/O per domain (xentop), refreshed every --delay seconds.
+    ///
+    /// On a terminal: a full-screen display until q or Ctrl-C. Otherwise (or with -n or
+    /// --json): -n iterations (default 1), as tables or one JSON object per iteration and line.
+    /// CPU(%) is summed over vCPUs; EVT/s event-channel sends, GNT(k/s) KiB copied through
+    /// the domain's grants (its I/O), COPY/s grant copies it did, MAPS/s maps of its grants,
+    /// CON(B/s) console output.
     Top {
-        #[arg(short = 'd', long, default_value_t = 1)]
-        delay: u64,
-        #[arg(short = 'i', long, default_value_t = 1)]
-        iterations: u32,
+        /// Seconds between refreshes (fractions allowed).
+        #[arg(short = 'd', long, default_value_t = 1.0)]
+        delay: f64,
+        /// Stop after N refreshes.
+        #[arg(short = 'n', long, short_alias = 'i')]
+        iterations: Option<u32>,
     },
     /// Print the hypervisor's log.
     Dmesg,
@@ -204,7 +249,18 @@ pub fn connect_socket(
 
 /// Run one command; writes results to `out` and returns the exit status (errors go to `err`).
 pub fn run(cli: Cli, connect: &mut Connect<'_>, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
-    match execute(cli, connect, out, err) {
+    run_with_input(cli, connect, console::Input::Stdin, out, err)
+}
+
+/// [`run`] with `console`'s input taken from `input` instead of stdin (tests, scripts).
+pub fn run_with_input(
+    cli: Cli,
+    connect: &mut Connect<'_>,
+    input: console::Input,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> i32 {
+    match execute(cli, connect, input, out, err) {
         Ok(()) => exit::OK,
         Err(f) => {
             let _ = writeln!(err, "hvctl: {}", f.message);
@@ -220,12 +276,17 @@ fn dom(s: &str) -> DomainRef {
 fn execute(
     cli: Cli,
     connect: &mut Connect<'_>,
+    input: console::Input,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<(), Failure> {
     let json = cli.json;
     let timeout = Duration::from_secs(cli.timeout.max(1));
     // Local checks first: a bad config or argument never reaches the system.
+    let top_delay = match &cli.cmd {
+        Cmd::Top { delay, .. } => Some(top::parse_delay(*delay)?),
+        _ => None,
+    };
     let body = match &cli.cmd {
         Cmd::Create { config, dry_run } => {
             let loaded = config::load(config).map_err(|e| Failure::usage(e.to_string()))?;
@@ -256,6 +317,26 @@ fn execute(
         Cmd::NetworkAttach { domain, vif } => Some(RequestBody::NetworkAttach {
             dom: dom(domain),
             vif: config::vif(&toml::Value::String(vif.clone()), "vif")?,
+        }),
+        Cmd::BlockDetach {
+            domain,
+            vdev,
+            force,
+        } => Some(RequestBody::BlockDetach {
+            dom: dom(domain),
+            vdev: vdev.clone(),
+            timeout_ms: detach_timeout_ms(cli.timeout, *force)?,
+            force: *force,
+        }),
+        Cmd::NetworkDetach {
+            domain,
+            devid,
+            force,
+        } => Some(RequestBody::NetworkDetach {
+            dom: dom(domain),
+            devid: *devid,
+            timeout_ms: detach_timeout_ms(cli.timeout, *force)?,
+            force: *force,
         }),
         _ => None,
     };
@@ -305,7 +386,9 @@ fn execute(
         Cmd::Reboot { domain } => done(&mut c, RequestBody::Reboot(dom(&domain)), out, json),
         Cmd::Pause { domain } => done(&mut c, RequestBody::Pause(dom(&domain)), out, json),
         Cmd::Unpause { domain } => done(&mut c, RequestBody::Unpause(dom(&domain)), out, json),
-        Cmd::Console { domain, no_follow } => console(&mut c, dom(&domain), !no_follow, out),
+        Cmd::Console { domain, no_follow } => {
+            console::console(&mut c, dom(&domain), !no_follow, input, out, err)
+        }
         Cmd::MemSet { .. } | Cmd::BlockAttach { .. } | Cmd::NetworkAttach { .. } => {
             let body = body.ok_or_else(|| Failure::usage("internal: no request"))?;
             match c.call(body)? {
@@ -344,26 +427,71 @@ fn execute(
             }
             r => Err(unexpected(&r)),
         },
-        Cmd::BlockDetach { domain, vdev } => done(
-            &mut c,
-            RequestBody::BlockDetach {
-                dom: dom(&domain),
-                vdev,
-            },
-            out,
-            json,
-        ),
-        Cmd::NetworkDetach { domain, devid } => done(
-            &mut c,
-            RequestBody::NetworkDetach {
-                dom: dom(&domain),
-                devid,
-            },
-            out,
-            json,
-        ),
-        Cmd::Top { delay, iterations } => top(&mut c, delay, iterations, out, json),
+        Cmd::BlockDetach { domain, vdev, .. } => {
+            let body = body.ok_or_else(|| Failure::usage("internal: no request"))?;
+            detach(&mut c, body, &domain, &vdev, cli.timeout, out, err, json)
+        }
+        Cmd::NetworkDetach { domain, devid, .. } => {
+            let body = body.ok_or_else(|| Failure::usage("internal: no request"))?;
+            let what = format!("vif {devid}");
+            detach(&mut c, body, &domain, &what, cli.timeout, out, err, json)
+        }
+        Cmd::Top { iterations, .. } => {
+            let delay = top_delay.ok_or_else(|| Failure::usage("internal: no delay"))?;
+            top::top(&mut c, delay, iterations, out, json)
+        }
         Cmd::Dmesg => dmesg(&mut c, out, json),
+    }
+}
+
+/// The longest detach wait, in seconds.
+pub const MAX_DETACH_SECS: u64 = shared_abi::mgmt::MAX_DETACH_TIMEOUT_MS as u64 / 1000;
+
+/// How long ctl-dom's answer to a detach may take beyond the guest's time (its polling and
+/// the serial line).
+const DETACH_ANSWER_MARGIN: Duration = Duration::from_secs(15);
+
+/// `--timeout` of a detach in ms: 1..=300 s (not looked at with `--force`).
+fn detach_timeout_ms(secs: u64, force: bool) -> Result<u32, Failure> {
+    if !force && !(1..=MAX_DETACH_SECS).contains(&secs) {
+        return Err(Failure::usage(format!(
+            "timeout: {secs} s is not allowed; allowed: 1..={MAX_DETACH_SECS} s (how long the guest has to release the device)"
+        )));
+    }
+    Ok((secs.min(MAX_DETACH_SECS) * 1000) as u32)
+}
+
+/// Send a detach and wait for its answer, counting the seconds on stderr while the guest
+/// is given time to release the device.
+#[allow(clippy::too_many_arguments)]
+fn detach(
+    c: &mut Client,
+    body: RequestBody,
+    domain: &str,
+    what: &str,
+    secs: u64,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+    json: bool,
+) -> Result<(), Failure> {
+    let mut shown = false;
+    let mut tick = |elapsed: Duration| {
+        shown = true;
+        let _ = write!(
+            err,
+            "\rhvctl: waiting for domain {domain} to release {what}: {} s of {secs}",
+            elapsed.as_secs()
+        );
+        let _ = err.flush();
+    };
+    let wait = Duration::from_secs(secs.clamp(1, MAX_DETACH_SECS)) + DETACH_ANSWER_MARGIN;
+    let r = c.call_waiting(body, wait, &mut tick);
+    if shown {
+        let _ = writeln!(err);
+    }
+    match r? {
+        Reply::Done => done_msg(out, json),
+        r => Err(unexpected(&r)),
     }
 }
 
@@ -473,16 +601,17 @@ fn print_list(out: &mut dyn Write, ds: &[DomainSummary], json: bool) -> Result<(
     }
     writeln!(
         out,
-        "{:<32} {:>5} {:>7} {:>5} {:>6} {:>9}",
-        "Name", "ID", "Mem", "VCPUs", "State", "Time(s)"
+        "{:<32} {:>5} {:>7} {:>7} {:>5} {:>6} {:>9}",
+        "Name", "ID", "Mem", "MaxMem", "VCPUs", "State", "Time(s)"
     )?;
     for d in ds {
         writeln!(
             out,
-            "{:<32} {:>5} {:>7} {:>5} {:>6} {:>9.1}",
+            "{:<32} {:>5} {:>7} {:>7} {:>5} {:>6} {:>9.1}",
             d.name,
             d.domid,
             d.memory_kib / 1024,
+            d.maxmem_kib / 1024,
             d.vcpus,
             state_column(d),
             d.cpu_time_ns as f64 / 1e9
@@ -626,42 +755,6 @@ fn print_config(out: &mut dyn Write, c: &DomainConfig, json: bool) -> Result<(),
 /// Requests smaller than this go without a progress line.
 const PROGRESS_MIN: usize = 64 * 1024;
 
-/// Poll interval while following a console.
-const CONSOLE_POLL: Duration = Duration::from_millis(100);
-
-fn console(c: &mut Client, d: DomainRef, follow: bool, out: &mut dyn Write) -> Result<(), Failure> {
-    let mut from = 0u64;
-    loop {
-        let r = c.call(RequestBody::ConsoleRead {
-            dom: d.clone(),
-            from,
-        });
-        match r {
-            Ok(Reply::Chunk { next, lost, data }) => {
-                if lost > 0 {
-                    writeln!(out, "[{lost} bytes of console output were lost]")?;
-                }
-                out.write_all(&data)?;
-                out.flush()?;
-                let empty = data.is_empty();
-                from = next;
-                if empty {
-                    if !follow {
-                        return Ok(());
-                    }
-                    std::thread::sleep(CONSOLE_POLL);
-                }
-            }
-            // Following a domain until it is gone is the normal end of `console`.
-            Err(ClientError::Server(MgmtError::UnknownDomain(_))) if follow && from > 0 => {
-                return Ok(());
-            }
-            Ok(r) => return Err(unexpected(&r)),
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
 fn dmesg(c: &mut Client, out: &mut dyn Write, json: bool) -> Result<(), Failure> {
     let mut from = 0u64;
     let mut all = Vec::new();
@@ -684,59 +777,6 @@ fn dmesg(c: &mut Client, out: &mut dyn Write, json: bool) -> Result<(), Failure>
         writeln!(out, "{v}")?;
     } else {
         out.write_all(&all)?;
-    }
-    Ok(())
-}
-
-fn top(
-    c: &mut Client,
-    delay: u64,
-    iterations: u32,
-    out: &mut dyn Write,
-    json: bool,
-) -> Result<(), Failure> {
-    let mut before = domains(c.call(RequestBody::List)?)?;
-    for _ in 0..iterations.max(1) {
-        let t0 = std::time::Instant::now();
-        std::thread::sleep(Duration::from_secs(delay));
-        let after = domains(c.call(RequestBody::List)?)?;
-        let wall = t0.elapsed().as_nanos().max(1) as f64;
-        let rows: Vec<(&DomainSummary, f64)> = after
-            .iter()
-            .map(|d| {
-                let prev = before
-                    .iter()
-                    .find(|b| b.domid == d.domid)
-                    .map_or(0, |b| b.cpu_time_ns);
-                (d, d.cpu_time_ns.saturating_sub(prev) as f64 * 100.0 / wall)
-            })
-            .collect();
-        if json {
-            let v: Vec<_> = rows
-                .iter()
-                .map(|(d, pct)| json!({ "domid": d.domid, "name": d.name, "cpu_percent": pct, "memory_kib": d.memory_kib, "vcpus": d.vcpus }))
-                .collect();
-            writeln!(out, "{}", serde_json::Value::Array(v))?;
-        } else {
-            writeln!(
-                out,
-                "{:<32} {:>5} {:>6} {:>7} {:>7} {:>5}",
-                "NAME", "ID", "STATE", "CPU(%)", "MEM(M)", "VCPUS"
-            )?;
-            for (d, pct) in &rows {
-                writeln!(
-                    out,
-                    "{:<32} {:>5} {:>6} {:>7.1} {:>7} {:>5}",
-                    d.name,
-                    d.domid,
-                    state_column(d),
-                    pct,
-                    d.memory_kib / 1024,
-                    d.vcpus
-                )?;
-            }
-        }
-        before = after;
     }
     Ok(())
 }

@@ -22,7 +22,7 @@ use shared_abi::DomId;
 use shared_abi::event_channel::EvtchnPort;
 use shared_abi::grant_table::GrantRef;
 use shared_abi::xenbus::{
-    BackendDevice, Store, XenbusError, XenbusState, parse_decimal, path, read_bool,
+    BackendDevice, BackendDir, Store, XenbusError, XenbusState, parse_decimal, path, read_bool,
     read_event_channel, read_grant_ref, read_required, read_u64_in,
 };
 
@@ -108,9 +108,14 @@ pub enum Action {
     /// Map these rings, bind these channels, build the vif, then call
     /// [`NetbackXenbus::connected`] (or [`NetbackXenbus::fail`] if that fails).
     Connect(Box<Connection>),
-    /// Tear the vif down (unmap rings, unbind channels); the device stays.
+    /// The frontend is Closing: tear the vif down (unmap rings, unbind channels); the
+    /// device stays (Closing).
     Disconnect,
-    /// Tear down and forget the device (frontend gone or toolstack unplug).
+    /// The frontend is Closed and the device stays online: tear the vif down, then call
+    /// [`NetbackXenbus::disconnected`] (Closed; the frontend may come back).
+    Close,
+    /// Tear down, call [`NetbackXenbus::disconnected`], and forget the device (the frontend
+    /// closed after the toolstack set `online` = 0, or its directory is gone).
     Remove,
 }
 
@@ -182,12 +187,7 @@ impl NetbackXenbus {
         use XenbusState::*;
         Ok(match fstate {
             // The frontend's directory is gone.
-            Unknown => {
-                if self.dev.state() != Closed {
-                    self.dev.switch(store, Closed)?;
-                }
-                Action::Remove
-            }
+            Unknown => Action::Remove,
             Initialising | InitWait | Initialised => {
                 if self.dev.state() == Closed {
                     // The frontend came back: offer the device again.
@@ -214,12 +214,11 @@ impl NetbackXenbus {
                 }
                 Action::Disconnect
             }
+            // Closed is written only after the caller unmapped everything
+            // (`disconnected`): the frontend ends its grants when it sees it.
             Closed => {
-                if self.dev.state() != Closed {
-                    self.dev.switch(store, Closed)?;
-                }
                 if read_bool(store, self.dev.backend_path(), "online", false).unwrap_or(false) {
-                    Action::Disconnect
+                    Action::Close
                 } else {
                     Action::Remove
                 }
@@ -232,6 +231,26 @@ impl NetbackXenbus {
     /// The caller mapped the rings and bound the channels: go Connected.
     pub fn connected<S: Store>(&mut self, store: &mut S) -> Result<(), XenbusError> {
         self.dev.switch(store, XenbusState::Connected)
+    }
+
+    /// The caller tore the vif down after [`Action::Close`] or [`Action::Remove`]: go
+    /// Closed, unless the backend directory is gone (a forced detach: writing `state` would
+    /// re-create it).
+    pub fn disconnected<S: Store>(&mut self, store: &mut S) -> Result<(), XenbusError> {
+        if self.dev.state() == XenbusState::Closed
+            || store
+                .read(&path(self.dev.backend_path(), "state"))?
+                .is_none()
+        {
+            return Ok(());
+        }
+        self.dev.switch(store, XenbusState::Closed)
+    }
+
+    /// What became of the backend directory since the probe (the toolstack removed it, or
+    /// wrote it again for a new device with the same id).
+    pub fn backend_dir<S: Store>(&self, store: &mut S) -> BackendDir {
+        self.dev.backend_dir(store)
     }
 
     /// Record `err` under `error/<backend>/error` (as `xenbus_dev_fatal`) and go to Closing.

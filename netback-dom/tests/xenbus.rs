@@ -3,7 +3,10 @@
 
 use netback_dom::packet::MacAddr;
 use netback_dom::xenbus::{Action, BackendFeatures, EventChannels, NetbackXenbus};
-use shared_abi::xenbus::{MemStore, Store, XenbusError, XenbusState, legal_backend_transition};
+use shared_abi::xenbus::{
+    BackendDir, MemStore, Store, XenbusError, XenbusState, backend_ready_to_probe,
+    legal_backend_transition,
+};
 
 const BE: &str = "/local/domain/1/backend/vif/5/0";
 const FE: &str = "/local/domain/5/device/vif/0";
@@ -288,7 +291,10 @@ fn guest_initiated_close_then_reconnect() {
     assert_eq!(dev.state(), XenbusState::Closing);
 
     s.write(&format!("{FE}/state"), "6").unwrap();
-    assert_eq!(dev.frontend_changed(&mut s).unwrap(), Action::Disconnect);
+    assert_eq!(dev.frontend_changed(&mut s).unwrap(), Action::Close);
+    // Closed only once the caller tore the vif down.
+    assert_eq!(dev.state(), XenbusState::Closing);
+    dev.disconnected(&mut s).unwrap();
     assert_eq!(dev.state(), XenbusState::Closed);
     assert_eq!(get(&mut s, &format!("{BE}/state")).as_deref(), Some("6"));
 
@@ -314,7 +320,10 @@ fn toolstack_unplug_removes_the_device_once_the_frontend_closes() {
     s.write(&format!("{FE}/state"), "6").unwrap();
 
     assert_eq!(dev.frontend_changed(&mut s).unwrap(), Action::Remove);
+    assert_eq!(dev.state(), XenbusState::Closing);
+    dev.disconnected(&mut s).unwrap();
     assert_eq!(dev.state(), XenbusState::Closed);
+    assert_eq!(get(&mut s, &format!("{BE}/state")).as_deref(), Some("6"));
 }
 
 #[test]
@@ -324,6 +333,7 @@ fn vanished_frontend_directory_removes_the_device() {
     s.nodes.remove(&format!("{FE}/state"));
 
     assert_eq!(dev.frontend_changed(&mut s).unwrap(), Action::Remove);
+    dev.disconnected(&mut s).unwrap();
     assert_eq!(dev.state(), XenbusState::Closed);
 }
 
@@ -333,6 +343,7 @@ fn connecting_from_a_closed_device_is_an_illegal_transition() {
     let mut dev = probed(&mut s);
     s.write(&format!("{FE}/state"), "6").unwrap();
     dev.frontend_changed(&mut s).unwrap();
+    dev.disconnected(&mut s).unwrap();
 
     assert_eq!(
         dev.connected(&mut s),
@@ -358,4 +369,94 @@ fn transition_table_matches_the_protocol() {
         assert_eq!(XenbusState::from_number(n).unwrap().as_str(), n.to_string());
     }
     assert_eq!(XenbusState::from_number(9), None);
+}
+
+// ------------------------------------------------------------------ hotplug (toolstack detach)
+
+fn connected_dev(s: &mut MemStore) -> NetbackXenbus {
+    let mut dev = probed(s);
+    netfront_connects(s);
+    assert!(matches!(
+        dev.frontend_changed(s).unwrap(),
+        Action::Connect(_)
+    ));
+    dev.connected(s).unwrap();
+    dev
+}
+
+fn remove_dir(s: &mut MemStore, dir: &str) {
+    let prefix = format!("{dir}/");
+    s.nodes.retain(|k, _| !k.starts_with(&prefix));
+}
+
+#[test]
+fn toolstack_detach_of_a_connected_vif_closes_after_the_teardown_and_forgets_it() {
+    let mut s = toolstack();
+    let mut dev = connected_dev(&mut s);
+    // libxl's detach: online = 0, backend state Closing, written by the toolstack.
+    s.write(&format!("{BE}/online"), "0").unwrap();
+    s.write(&format!("{BE}/state"), "5").unwrap();
+    assert_eq!(dev.backend_dir(&mut s), BackendDir::Unchanged);
+    // The frontend answers Closed straight away (Linux's xenbus_frontend_closed).
+    s.write(&format!("{FE}/state"), "6").unwrap();
+    assert_eq!(dev.frontend_changed(&mut s).unwrap(), Action::Remove);
+    // Not Closed before the caller unmapped: the frontend would end grants still mapped.
+    assert_eq!(get(&mut s, &format!("{BE}/state")).as_deref(), Some("5"));
+    dev.disconnected(&mut s).unwrap();
+    assert_eq!(get(&mut s, &format!("{BE}/state")).as_deref(), Some("6"));
+    // Left Closed until the toolstack removes it: not probed again.
+    assert!(!backend_ready_to_probe(&mut s, BE));
+}
+
+#[test]
+fn toolstack_detach_through_frontend_closing_then_closed() {
+    let mut s = toolstack();
+    let mut dev = connected_dev(&mut s);
+    s.write(&format!("{BE}/online"), "0").unwrap();
+    s.write(&format!("{BE}/state"), "5").unwrap();
+    s.write(&format!("{FE}/state"), "5").unwrap();
+    assert_eq!(dev.frontend_changed(&mut s).unwrap(), Action::Disconnect);
+    s.write(&format!("{FE}/state"), "6").unwrap();
+    assert_eq!(dev.frontend_changed(&mut s).unwrap(), Action::Remove);
+    dev.disconnected(&mut s).unwrap();
+    assert_eq!(get(&mut s, &format!("{BE}/state")).as_deref(), Some("6"));
+}
+
+#[test]
+fn forced_detach_removes_without_recreating_the_backend_directory() {
+    let mut s = toolstack();
+    let mut dev = connected_dev(&mut s);
+    remove_dir(&mut s, BE);
+    remove_dir(&mut s, FE);
+    assert_eq!(dev.backend_dir(&mut s), BackendDir::Gone);
+    assert_eq!(dev.frontend_changed(&mut s).unwrap(), Action::Remove);
+    dev.disconnected(&mut s).unwrap();
+    assert!(s.nodes.keys().all(|k| !k.starts_with(BE)), "{:?}", s.nodes);
+}
+
+#[test]
+fn a_reattached_device_is_seen_as_recreated_and_probed_again() {
+    let mut s = toolstack();
+    let mut dev = connected_dev(&mut s);
+    assert!(!backend_ready_to_probe(&mut s, BE));
+    // Detached and attached again (same devid) before the backend looked.
+    remove_dir(&mut s, BE);
+    remove_dir(&mut s, FE);
+    let mut fresh = toolstack();
+    for (k, v) in core::mem::take(&mut fresh.nodes) {
+        s.write(&k, &v).unwrap();
+    }
+    assert_eq!(dev.backend_dir(&mut s), BackendDir::Recreated);
+    assert!(backend_ready_to_probe(&mut s, BE));
+    let again = probed(&mut s);
+    assert_eq!(again.state(), XenbusState::InitWait);
+    netfront_connects(&mut s);
+    let mut again = again;
+    assert!(matches!(
+        again.frontend_changed(&mut s).unwrap(),
+        Action::Connect(_)
+    ));
+    // The stale one is not asked anything more by a correct caller; if it were, it would
+    // see the frontend Connected and do nothing.
+    assert_eq!(dev.frontend_changed(&mut s).unwrap(), Action::None);
 }

@@ -808,6 +808,98 @@ pub mod domctl {
         }
     );
 
+    /// Bulkhead: give bytes to a domain's console input (the toolstack's side of `hvctl
+    /// console`): the header's `domain` names the domain; payload in/out = [`ConsoleWrite`].
+    /// Up to `len` bytes (at most [`CONSOLE_WRITE_MAX`]) are copied from `buffer` into the
+    /// domain's bounded console input buffer ([`CONSOLE_INPUT_BYTES`]); the answer (also in
+    /// `done`) is how many fit: fewer than `len` when the buffer is nearly full, and
+    /// `-EAGAIN` when none fit at all (`len > 0`). Nothing is dropped silently and the call
+    /// never waits. The domain reads its input with `console_io(CONSOLEIO_read)` and, if it
+    /// bound `VIRQ_CONSOLE`, is sent that VIRQ when input arrives. Needs `DOMAIN_CONTROL`;
+    /// no such live domain: `-ESRCH`; `len` too large or a non-zero pad: `-EINVAL`; the
+    /// buffer not readable: `-EFAULT`.
+    pub const CONSOLE_WRITE: u32 = 0x4248_0600;
+    /// Most bytes one `CONSOLE_WRITE` copies.
+    pub const CONSOLE_WRITE_MAX: u32 = 1024;
+    /// Bytes of console input the hypervisor buffers per domain.
+    pub const CONSOLE_INPUT_BYTES: usize = 1024;
+
+    /// `CONSOLE_WRITE` payload.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct ConsoleWrite {
+        /// In: the caller's buffer.
+        pub buffer: u64,
+        pub len: u32,
+        /// Out: bytes taken.
+        pub done: u32,
+        pub pad: u64,
+    }
+    assert_layout!(ConsoleWrite, 24; buffer @ 0, len @ 8, done @ 12, pad @ 16);
+    wire_struct!(
+        ConsoleWrite,
+        24,
+        |r| ConsoleWrite {
+            buffer: r.u64(),
+            len: r.u32(),
+            done: r.u32(),
+            pad: r.u64()
+        },
+        |s, w| {
+            w.put(&s.buffer.to_le_bytes());
+            w.put(&s.len.to_le_bytes());
+            w.put(&s.done.to_le_bytes());
+            w.put(&s.pad.to_le_bytes());
+        }
+    );
+
+    /// Bulkhead: a domain's I/O counters (for `hvctl top`): the header's `domain` names the
+    /// domain; payload out = [`DomainStats`]. All counters run from the domain's build and
+    /// only grow. Needs `DOMAIN_CONTROL`; no such domain (or already freed): `-ESRCH`.
+    pub const DOMAIN_STATS: u32 = 0x4248_0700;
+
+    /// `DOMAIN_STATS` payload (out).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct DomainStats {
+        /// Event-channel notifications this domain sent (`EVTCHNOP_send` that succeeded).
+        pub evtchn_sends: u64,
+        /// Bytes moved by successful `GNTTABOP_copy` operations through grants this domain
+        /// issued (its I/O: what a backend copied into or out of its pages).
+        pub grant_copy_bytes: u64,
+        /// Successful `GNTTABOP_copy` operations that this domain performed itself.
+        pub grant_copies_done: u64,
+        /// Successful `GNTTABOP_map_grant_ref` of grants this domain issued.
+        pub grant_maps: u64,
+        /// Bytes the domain wrote on its console (`console_io` write, before the rate limit).
+        pub console_out_bytes: u64,
+        /// Bytes given to its console input (`CONSOLE_WRITE`).
+        pub console_in_bytes: u64,
+    }
+    assert_layout!(DomainStats, 48; evtchn_sends @ 0, grant_copy_bytes @ 8,
+        grant_copies_done @ 16, grant_maps @ 24, console_out_bytes @ 32,
+        console_in_bytes @ 40);
+    wire_struct!(
+        DomainStats,
+        48,
+        |r| DomainStats {
+            evtchn_sends: r.u64(),
+            grant_copy_bytes: r.u64(),
+            grant_copies_done: r.u64(),
+            grant_maps: r.u64(),
+            console_out_bytes: r.u64(),
+            console_in_bytes: r.u64()
+        },
+        |s, w| {
+            w.put(&s.evtchn_sends.to_le_bytes());
+            w.put(&s.grant_copy_bytes.to_le_bytes());
+            w.put(&s.grant_copies_done.to_le_bytes());
+            w.put(&s.grant_maps.to_le_bytes());
+            w.put(&s.console_out_bytes.to_le_bytes());
+            w.put(&s.console_in_bytes.to_le_bytes());
+        }
+    );
+
     impl CreateDomain {
         /// The name as text (up to the first NUL); `None` if not UTF-8.
         pub fn name(&self) -> Option<&str> {
@@ -915,6 +1007,20 @@ mod tests {
             lost: 5,
             done: 6,
             ..Default::default()
+        });
+        round_trip(ConsoleWrite {
+            buffer: 1,
+            len: 2,
+            done: 3,
+            pad: 0,
+        });
+        round_trip(DomainStats {
+            evtchn_sends: 1,
+            grant_copy_bytes: 2,
+            grant_copies_done: 3,
+            grant_maps: 4,
+            console_out_bytes: 5,
+            console_in_bytes: 6,
         });
         round_trip(SchedulerOp {
             sched_id: SCHEDULER_CREDIT,

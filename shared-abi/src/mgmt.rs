@@ -33,8 +33,9 @@ use crate::domain_config::{ConfigError, DiskSpec, DomainConfig, LifecycleAction,
 use crate::errno::XenError;
 
 pub const MAGIC: [u8; 4] = *b"BHMC";
-/// Bumped on any incompatible change to the frame or the message types.
-pub const VERSION: u16 = 1;
+/// Bumped on any incompatible change to the frame or the message types (2: detach requests
+/// carry `timeout_ms` and `force`; console input and I/O stats).
+pub const VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 16;
 /// Largest payload: room for a kernel image in a `Create` request.
 pub const MAX_PAYLOAD: usize = 8 << 20;
@@ -42,6 +43,27 @@ pub const MAX_PAYLOAD: usize = 8 << 20;
 pub const MAX_CHUNK: usize = 4096;
 /// Id reserved for replies that cannot name the request they answer.
 pub const UNATTRIBUTED_ID: u32 = 0;
+/// How long a detach waits for the guest to release the device unless told otherwise (xl's
+/// `LIBXL_DESTROY_TIMEOUT`).
+pub const DEFAULT_DETACH_TIMEOUT_MS: u32 = 10_000;
+/// The longest wait a detach request may ask for (ctl serves one request at a time).
+pub const MAX_DETACH_TIMEOUT_MS: u32 = 300_000;
+
+/// A xenbus state's name (`xenbus.h`), for messages: `4` is `Connected`.
+pub fn xenbus_state_name(state: u32) -> &'static str {
+    match state {
+        0 => "Unknown",
+        1 => "Initialising",
+        2 => "InitWait",
+        3 => "Initialised",
+        4 => "Connected",
+        5 => "Closing",
+        6 => "Closed",
+        7 => "Reconfiguring",
+        8 => "Reconfigured",
+        _ => "invalid",
+    }
+}
 
 /// A domain named on the command line: by id or by name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,22 +131,39 @@ pub enum RequestBody {
         dom: DomainRef,
         disk: DiskSpec,
     },
+    /// Detach through the xenbus close handshake: the backend is asked to close (`online` =
+    /// 0, `state` = Closing) and has `timeout_ms` (1..=[`MAX_DETACH_TIMEOUT_MS`]) to reach
+    /// Closed; `force` removes the device's entries at once without asking.
     BlockDetach {
         dom: DomainRef,
         vdev: String,
+        timeout_ms: u32,
+        force: bool,
     },
     NetworkAttach {
         dom: DomainRef,
         vif: VifSpec,
     },
+    /// As [`RequestBody::BlockDetach`], for a vif.
     NetworkDetach {
         dom: DomainRef,
         devid: u32,
+        timeout_ms: u32,
+        force: bool,
     },
     /// Hypervisor log from byte offset `from`.
     Dmesg {
         from: u64,
     },
+    /// Give `data` (at most [`MAX_CHUNK`] bytes) to the domain's console input; answered
+    /// with [`Reply::Written`] (how many were taken: the domain's input buffer is bounded,
+    /// the client resends the rest later).
+    ConsoleWrite {
+        dom: DomainRef,
+        data: Vec<u8>,
+    },
+    /// Every domain's I/O counters; answered with [`Reply::Stats`].
+    DomainStats,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +214,23 @@ pub struct DomainSummary {
     pub capabilities: Capabilities,
 }
 
+/// One domain's I/O counters (`top`): running totals since it was built (see the
+/// hypervisor's `DOMAIN_STATS`); `top` shows their rates.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainIoStats {
+    pub domid: DomId,
+    /// Event-channel notifications it sent.
+    pub evtchn_sends: u64,
+    /// Bytes copied through its grants (by its backends: its disk and network I/O).
+    pub grant_copy_bytes: u64,
+    /// Grant copies it performed itself (a backend's work).
+    pub grant_copies_done: u64,
+    /// Mappings of its grants by other domains.
+    pub grant_maps: u64,
+    pub console_out_bytes: u64,
+    pub console_in_bytes: u64,
+}
+
 /// A device a domain has, as `info` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceInfo {
@@ -222,6 +278,12 @@ pub enum Reply {
     Attached {
         devid: u32,
     },
+    /// `ConsoleWrite`: bytes taken from the front of `data` (0 = the input buffer is full).
+    Written {
+        accepted: u32,
+    },
+    /// `DomainStats`: one row per domain.
+    Stats(Vec<DomainIoStats>),
 }
 
 /// Why a request failed.
@@ -250,6 +312,16 @@ pub enum MgmtError {
     NoSuchDevice {
         dom: DomainRef,
         device: String,
+    },
+    /// The guest did not release the device within the detach timeout: it stays attached
+    /// (the backend was told to stay online again) and recorded; a retry may succeed, and a
+    /// forced detach removes it anyway. States are xenbus states, `None` when unreadable.
+    DetachTimedOut {
+        dom: DomainRef,
+        device: String,
+        waited_ms: u64,
+        frontend_state: Option<u32>,
+        backend_state: Option<u32>,
     },
     /// The server does not implement this operation (yet); nothing was changed.
     Unsupported(String),
@@ -282,6 +354,30 @@ impl fmt::Display for MgmtError {
             } => write!(f, "cannot {operation} domain {dom} in state {state:?}"),
             MgmtError::NoSuchDevice { dom, device } => {
                 write!(f, "domain {dom} has no device {device}")
+            }
+            MgmtError::DetachTimedOut {
+                dom,
+                device,
+                waited_ms,
+                frontend_state,
+                backend_state,
+            } => {
+                let state = |s: &Option<u32>| match s {
+                    Some(s) => alloc::format!("{s} {}", xenbus_state_name(*s)),
+                    None => String::from("gone"),
+                };
+                // Tenths of a second, shown only when there are any (a wait just past the
+                // timeout reads as the timeout).
+                let secs = match waited_ms % 1000 / 100 {
+                    0 => alloc::format!("{} s", waited_ms / 1000),
+                    t => alloc::format!("{}.{t} s", waited_ms / 1000),
+                };
+                write!(
+                    f,
+                    "domain {dom} did not release {device} within {secs} (frontend state {}, backend {}); it stays attached; --force removes it anyway",
+                    state(frontend_state),
+                    state(backend_state)
+                )
             }
             MgmtError::Unsupported(what) => write!(f, "not supported by this ctl-dom: {what}"),
             MgmtError::VersionMismatch { got, supported } => write!(
@@ -637,17 +733,18 @@ mod tests {
     #[test]
     fn other_version_is_skipped_and_answered_with_version_mismatch() {
         let mut bytes = encode_request(&create_req()).unwrap();
-        bytes[4] = 2;
+        let other = VERSION + 1;
+        bytes[4..6].copy_from_slice(&other.to_le_bytes());
         let mut d = FrameDecoder::new();
         d.push(&bytes);
         let e = d.next_frame().unwrap().unwrap_err();
-        assert_eq!(e, FrameError::Version { got: 2 });
+        assert_eq!(e, FrameError::Version { got: other });
         assert_eq!(d.buffered(), 0);
         let reply = error_reply(&e).unwrap();
         assert_eq!(
             reply.result,
             Err(MgmtError::VersionMismatch {
-                got: 2,
+                got: other,
                 supported: VERSION
             })
         );
@@ -661,6 +758,38 @@ mod tests {
             decode_request(&p),
             Err(FrameError::TrailingBytes { extra: 1 })
         );
+    }
+
+    #[test]
+    fn detach_timeout_says_who_holds_the_device_and_what_to_do() {
+        let e = MgmtError::DetachTimedOut {
+            dom: DomainRef::Name("web".into()),
+            device: "xvdb".into(),
+            waited_ms: 3007,
+            frontend_state: Some(4),
+            backend_state: Some(5),
+        };
+        assert_eq!(
+            e.to_string(),
+            "domain web did not release xvdb within 3 s (frontend state 4 Connected, backend 5 Closing); it stays attached; --force removes it anyway"
+        );
+        let e = MgmtError::DetachTimedOut {
+            dom: DomainRef::Id(7),
+            device: "vif 1".into(),
+            waited_ms: 1500,
+            frontend_state: None,
+            backend_state: Some(42),
+        };
+        assert!(
+            e.to_string()
+                .contains("within 1.5 s (frontend state gone, backend 42 invalid)")
+        );
+        let r = Response {
+            id: 3,
+            result: Err(e),
+        };
+        let bytes = encode_response(&r).unwrap();
+        assert_eq!(decode_response(&bytes[HEADER_LEN..]).unwrap(), r);
     }
 
     #[test]

@@ -475,6 +475,21 @@ impl BackendDevice {
         self.close(store)
     }
 
+    /// What became of the backend directory: its `state` gone, or Initialising again while
+    /// the device was probed. A store failure reads as unchanged.
+    pub fn backend_dir<S: Store + ?Sized>(&self, store: &mut S) -> BackendDir {
+        match store.read(&path(&self.backend, "state")) {
+            Ok(None) => BackendDir::Gone,
+            Ok(Some(v))
+                if XenbusState::parse(&v) == Some(XenbusState::Initialising)
+                    && self.state != XenbusState::Initialising =>
+            {
+                BackendDir::Recreated
+            }
+            _ => BackendDir::Unchanged,
+        }
+    }
+
     /// Go to Closing unless already Closing or Closed (toolstack unplug, or the driver gave
     /// up on the frontend).
     pub fn close<S: Store + ?Sized>(&mut self, store: &mut S) -> Result<(), XenbusError> {
@@ -483,6 +498,26 @@ impl BackendDevice {
         }
         Ok(())
     }
+}
+
+/// Whether the toolstack's backend directory `dir` may be probed: its `state` reads
+/// Initialising, as Linux's `xenbus_probe_node` requires. A directory a detached device left
+/// Closed (the toolstack removes it next) is not probed again.
+pub fn backend_ready_to_probe<S: Store + ?Sized>(store: &mut S, dir: &str) -> bool {
+    matches!(read_state(store, dir), Ok(XenbusState::Initialising))
+}
+
+/// What became of a probed device's backend directory ([`BackendDevice::backend_dir`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendDir {
+    /// Still there, as the backend left it.
+    Unchanged,
+    /// Removed by the toolstack (a detach, forced or not): tear down and forget the device.
+    Gone,
+    /// Written again by the toolstack (`state` Initialising, which a backend never writes
+    /// itself): a new device with the same id; tear the old one down, forget it and probe
+    /// again.
+    Recreated,
 }
 
 /// Where a fatal device error for `dir` is recorded: `error/<dir>/error` (without `dir`'s

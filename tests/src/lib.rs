@@ -361,6 +361,8 @@ impl Boot {
 
 /// Deliberate damage to boot images. Each function returns a new image; the refusal it must
 /// cause is what `shared_abi::manifest::parse_image` says about it on the host.
+pub mod toolstack;
+
 pub mod corrupt {
     use shared_abi::manifest::{
         Blob, DomainSpec, HEADER_LEN, ImageDomain, Manifest, build_image, parse_image, reseal,

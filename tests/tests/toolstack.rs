@@ -21,82 +21,11 @@ use std::time::{Duration, Instant};
 
 use bulkhead_build::outcome::Outcome;
 use bulkhead_build::workspace::Workspace;
-use clap::Parser;
+use tests::toolstack::{Lines, created, hvctl, names, record, wait_line};
 use tests::{Scenario, scenario_dir};
 
-/// Console lines with the time each arrived.
-type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
-
-/// What one hvctl run gave: (status, stdout, stderr).
-struct Ran {
-    status: i32,
-    out: String,
-    err: String,
-}
-
-fn hvctl(sock: &Path, args: &[&str]) -> Ran {
-    let mut argv = vec![
-        "hvctl",
-        "--socket",
-        sock.to_str().unwrap_or("?"),
-        "--timeout",
-        "30",
-    ];
-    argv.extend_from_slice(args);
-    let cli = match hvctl::Cli::try_parse_from(&argv) {
-        Ok(c) => c,
-        Err(e) => {
-            return Ran {
-                status: -1,
-                out: String::new(),
-                err: e.to_string(),
-            };
-        }
-    };
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let status = hvctl::run(cli, &mut hvctl::connect_socket, &mut out, &mut err);
-    Ran {
-        status,
-        out: String::from_utf8_lossy(&out).into_owned(),
-        err: String::from_utf8_lossy(&err).into_owned(),
-    }
-}
-
-/// The names `hvctl list --json` shows.
-fn names(sock: &Path) -> Result<Vec<String>, String> {
-    let r = hvctl(sock, &["list", "--json"]);
-    if r.status != 0 {
-        return Err(format!("list: status {}: {}", r.status, r.err));
-    }
-    let v: serde_json::Value =
-        serde_json::from_str(&r.out).map_err(|e| format!("list --json: {e}: {}", r.out))?;
-    Ok(v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|d| d["name"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default())
-}
-
-/// Wait (up to `within`) for a console line matching `pred`; when it arrived.
-fn wait_line(lines: &Lines, within: Duration, pred: impl Fn(&str) -> bool) -> Option<Instant> {
-    let end = Instant::now() + within;
-    loop {
-        if let Some((t, _)) = lines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .find(|(_, l)| pred(l))
-        {
-            return Some(*t);
-        }
-        if Instant::now() >= end {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
+#[path = "toolstack/hotplug.rs"]
+mod hotplug;
 
 /// A 64-bit x86 executable with one 4-byte PT_LOAD at `vaddr` (the builder refuses one
 /// outside its load window).
@@ -124,23 +53,32 @@ fn elf_at(vaddr: u64) -> Vec<u8> {
     b
 }
 
-/// Build hello-dom for bare metal (the system image does not carry it: hvctl sends it).
-fn hello_dom_elf() -> PathBuf {
-    let ws = Workspace::locate();
-    let st = ws
-        .cargo_command()
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "x86_64-unknown-none",
-            "-p",
+/// The bare-metal guests `hvctl create` sends.
+#[derive(Clone, Debug)]
+struct Guests {
+    hello: PathBuf,
+    pv: PathBuf,
+    blk: PathBuf,
+    net: PathBuf,
+}
+
+impl Guests {
+    fn build() -> Guests {
+        let [hello, pv, blk, net]: [PathBuf; 4] = tests::toolstack::bare_metal_elves(&[
             "hello-dom",
+            "pv-test-dom",
+            "blk-guest-dom",
+            "net-guest-dom",
         ])
-        .status()
-        .expect("running cargo build -p hello-dom");
-    assert!(st.success(), "building hello-dom failed");
-    ws.bare_metal_release_dir().join("hello-dom")
+        .try_into()
+        .expect("four guests");
+        Guests {
+            hello,
+            pv,
+            blk,
+            net,
+        }
+    }
 }
 
 /// What the driver measured.
@@ -154,8 +92,9 @@ struct Figures {
 }
 
 /// The whole conversation; `Err` says which step failed. Always ends the system.
-fn drive(sock: &Path, cfgs: &Path, kernel: &Path, lines: &Lines) -> Result<Figures, String> {
-    let r = drive_steps(sock, cfgs, kernel, lines);
+fn drive(sock: &Path, cfgs: &Path, guests: &Guests, lines: &Lines) -> Result<Figures, String> {
+    let r = drive_steps(sock, cfgs, &guests.hello, &guests.pv, lines)
+        .and_then(|f| hotplug::drive(sock, cfgs, guests, lines).map(|()| f));
     // End the boot whatever happened: the keeper's death lets ctl power off.
     for n in [
         "hello-rt",
@@ -164,8 +103,15 @@ fn drive(sock: &Path, cfgs: &Path, kernel: &Path, lines: &Lines) -> Result<Figur
         "victim",
         "killer",
         "hello-keep",
+        "hotdisk",
+        "stubborn",
+        "hotnet",
     ] {
         let _ = hvctl(sock, &["destroy", n]);
+    }
+    // The boot domains: the backends and the peer would serve forever.
+    for n in ["peer", "netback", "blkback"] {
+        let _ = hvctl(sock, &["shutdown", n]);
     }
     let end = hvctl(sock, &["shutdown", "keeper"]);
     match r {
@@ -182,12 +128,18 @@ fn check(ok: bool, what: impl FnOnce() -> String) -> Result<(), String> {
     if ok { Ok(()) } else { Err(what()) }
 }
 
-fn drive_steps(sock: &Path, cfgs: &Path, kernel: &Path, lines: &Lines) -> Result<Figures, String> {
+fn drive_steps(
+    sock: &Path,
+    cfgs: &Path,
+    kernel: &Path,
+    pv: &Path,
+    lines: &Lines,
+) -> Result<Figures, String> {
     let mut fig = Figures::default();
     // 1. The boot domains.
     let boot = names(sock)?;
     check(
-        ["xenstore", "ctl", "keeper"]
+        ["xenstore", "ctl", "blkback", "netback", "peer", "keeper"]
             .iter()
             .all(|n| boot.iter().any(|b| b == n)),
         || format!("list does not show the boot domains: {boot:?}"),
@@ -243,9 +195,6 @@ fn drive_steps(sock: &Path, cfgs: &Path, kernel: &Path, lines: &Lines) -> Result
 
     // 3. A guest that stays: listed, then destroyed by hvctl.
     let sleeper = cfgs.join("sleeper.toml");
-    let pv = Workspace::locate()
-        .bare_metal_release_dir()
-        .join("pv-test-dom");
     std::fs::write(
         &sleeper,
         format!(
@@ -512,25 +461,13 @@ fn drive_steps(sock: &Path, cfgs: &Path, kernel: &Path, lines: &Lines) -> Result
     Ok(fig)
 }
 
-/// The domain id `hvctl create` answered.
-fn created(r: &Ran) -> Result<u16, String> {
-    if r.status != 0 {
-        return Err(format!("create: status {}: {}", r.status, r.err));
-    }
-    r.out
-        .trim()
-        .strip_prefix("created domain ")
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("create said {:?}", r.out))
-}
-
 #[test]
 fn hvctl_drives_the_running_system() {
     let ws = Workspace::locate();
     let toml = std::fs::read_to_string(ws.root.join("systems/toolstack.toml"))
         .expect("reading systems/toolstack.toml");
     let img = tests::system_image("toolstack", "toolstack", &toml);
-    let kernel = hello_dom_elf();
+    let guests = Guests::build();
     let dir = scenario_dir().join("toolstack-run");
     std::fs::create_dir_all(&dir).expect("scenario dir");
     let sock = dir.join("hvctl.sock");
@@ -547,14 +484,11 @@ fn hvctl_drives_the_running_system() {
         .qemu_args(&qemu)
         .timeout(Duration::from_secs(180))
         .boot_watching(|line| {
-            lines
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((Instant::now(), line.to_string()));
+            record(&lines, line);
             if driver.is_none() && line.contains("ctl: serving hvctl") {
-                let (sock, dir, kernel, lines) =
-                    (sock.clone(), dir.clone(), kernel.clone(), lines.clone());
-                driver = Some(thread::spawn(move || drive(&sock, &dir, &kernel, &lines)));
+                let (sock, dir, guests, lines) =
+                    (sock.clone(), dir.clone(), guests.clone(), lines.clone());
+                driver = Some(thread::spawn(move || drive(&sock, &dir, &guests, &lines)));
             }
         });
     let Some(driver) = driver else {

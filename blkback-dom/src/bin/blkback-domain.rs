@@ -60,7 +60,7 @@ mod domain {
     use dom_rt::blkfront::domain::XenbusStore;
     use dom_rt::device::virtio::{DomHal, VirtioPci, VirtioTransport};
     use dom_rt::gnttab::{self, MapWindow};
-    use dom_rt::xenbus::{ClientRing, EvtchnSignal, RingTransport, Tx, Xenbus};
+    use dom_rt::xenbus::{ClientRing, EvtchnSignal, RingTransport, Tx, WatchHandle, Xenbus};
     use dom_rt::{StartInfo, XenError, evtchn, hypercall, println, time};
     use shared_abi::DomId;
     use shared_abi::PAGE_SIZE;
@@ -68,7 +68,7 @@ mod domain {
     use shared_abi::grant_table::{GntStatus, GrantHandle};
     use shared_abi::ring::SharedRingMem;
     use shared_abi::start_info::{GRANT_MAP_END, XENSTORE_RING_VA};
-    use shared_abi::xenbus::{XenbusError, XenbusState, path};
+    use shared_abi::xenbus::{BackendDir, XenbusError, XenbusState, backend_ready_to_probe, path};
     use virtio_drivers::device::blk::VirtIOBlk;
 
     type Bus = Xenbus<RingTransport<SharedRingMem, EvtchnSignal>>;
@@ -369,6 +369,8 @@ mod domain {
         disk: Option<Io>,
         conn: Option<Connected>,
         ever_connected: bool,
+        /// The watch on the frontend's `state` (dropped when the device is forgotten).
+        watch: Option<WatchHandle>,
     }
 
     struct Backend {
@@ -421,6 +423,12 @@ mod domain {
                 if self.devices.contains_key(&dir) {
                     continue;
                 }
+                // Only a directory the toolstack left Initialising (as Linux's
+                // xenbus_probe_node): one a detached device left Closed waits for the
+                // toolstack to remove it, and is never probed again.
+                if !backend_ready_to_probe(&mut XenbusStore { xb: &mut *xb }, &dir) {
+                    continue;
+                }
                 // Probe once the frontend directory exists (its state is readable).
                 let Some(fe_state) = xb.frontend_state_path(&dir) else {
                     if self.waiting.insert(dir.clone(), ()).is_none() {
@@ -444,9 +452,13 @@ mod domain {
                             }
                         };
                         let dirty = self.dirty.clone();
-                        if let Err(e) = xb.watch(&fe_state, move |_| dirty.set(true)) {
-                            println!("blkback: {dir}: watch {fe_state}: {e:?}");
-                        }
+                        let watch = match xb.watch(&fe_state, move |_| dirty.set(true)) {
+                            Ok(w) => Some(w),
+                            Err(e) => {
+                                println!("blkback: {dir}: watch {fe_state}: {e:?}");
+                                None
+                            }
+                        };
                         println!(
                             "blkback: {dir}: probed (frontend {}), InitWait",
                             dev.frontend_path()
@@ -461,6 +473,7 @@ mod domain {
                                 disk: Some(disk),
                                 conn: None,
                                 ever_connected: false,
+                                watch,
                             },
                         );
                     }
@@ -593,6 +606,17 @@ mod domain {
             self.rebalance();
         }
 
+        /// Tear `dir` down and forget it (its frontend watch too); other devices are not
+        /// touched.
+        fn forget(&mut self, xb: &mut Bus, dir: &str) {
+            self.teardown(dir);
+            if let Some(dev) = self.devices.remove(dir)
+                && let Some(w) = dev.watch
+            {
+                let _ = xb.unwatch(w);
+            }
+        }
+
         /// Hand frontend state changes to the xenbus logic.
         fn frontends(&mut self, xb: &mut Bus) {
             let dirs: Vec<String> = self.devices.keys().cloned().collect();
@@ -600,12 +624,21 @@ mod domain {
                 let Some(dev) = self.devices.get_mut(&dir) else {
                     continue;
                 };
+                // The toolstack removed the device (a detach, forced or after a timeout), or
+                // wrote it again for a re-attach of the same id: forget the old one (the
+                // next scan probes a new one).
+                let seen = dev.xb.backend_dir(&mut XenbusStore { xb: &mut *xb });
+                if seen != BackendDir::Unchanged {
+                    self.forget(xb, &dir);
+                    self.dirty.set(true);
+                    println!("blkback: {dir}: backend directory {seen:?}, device removed");
+                    continue;
+                }
                 let now = match xb.read_string(Tx::NONE, &dev.fe_state) {
                     Ok(v) => Some(v),
                     // The frontend's home is gone (its domain was released): so is the device.
                     Err(XenError::EACCES) => {
-                        self.teardown(&dir);
-                        self.devices.remove(&dir);
+                        self.forget(xb, &dir);
                         println!("blkback: {dir}: frontend domain gone, device removed");
                         continue;
                     }
@@ -665,12 +698,12 @@ mod domain {
                         }
                         println!("blkback: {dir}: frontend closed, disconnected");
                         if remove {
-                            self.devices.remove(&dir);
+                            self.forget(xb, &dir);
+                            println!("blkback: {dir}: offline, device removed");
                         }
                     }
                     Ok(Action::Remove) => {
-                        self.teardown(&dir);
-                        self.devices.remove(&dir);
+                        self.forget(xb, &dir);
                         println!("blkback: {dir}: frontend gone, device removed");
                     }
                     Err(e) => println!("blkback: {dir}: {e}"),

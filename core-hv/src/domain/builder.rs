@@ -378,6 +378,7 @@ impl Hypervisor {
                     grants,
                     instance: self.next_instance,
                     mmio: Vec::new(),
+                    io: super::IoCounters::default(),
                 };
                 self.next_instance += 1;
                 d.set_state(DomainState::Running);

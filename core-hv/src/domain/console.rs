@@ -14,6 +14,7 @@
 //! much it lost when it fell behind (`domctl CONSOLE_READ`).
 
 use alloc::boxed::Box;
+use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 
 use shared_abi::errno::XenError;
@@ -224,7 +225,17 @@ pub struct DomainConsole {
     line: Vec<u8>,
     dropped: u64,
     history: HistoryRing<Box<[u8]>>,
+    /// Console input the toolstack gave (`domctl CONSOLE_WRITE`) and the domain has not read
+    /// yet (`console_io` read): at most [`CONSOLE_INPUT_BYTES`].
+    input: VecDeque<u8>,
+    /// Bytes ever given to the input.
+    input_total: u64,
+    /// Bytes the domain ever asked to write (before the rate limit).
+    output_total: u64,
 }
+
+/// Bytes of console input kept per domain (writers get a short count, then `EAGAIN`).
+pub const CONSOLE_INPUT_BYTES: usize = shared_abi::hypercall_args::domctl::CONSOLE_INPUT_BYTES;
 
 impl DomainConsole {
     pub fn new(now: u64) -> Self {
@@ -234,7 +245,58 @@ impl DomainConsole {
             line: Vec::new(),
             dropped: 0,
             history: HistoryRing::unallocated(),
+            input: VecDeque::new(),
+            input_total: 0,
+            output_total: 0,
         }
+    }
+
+    /// Append what fits of `bytes` to the console input; how many were taken (0 when the
+    /// buffer is full or there is no memory for it: never a panic, never a silent drop).
+    pub fn push_input(&mut self, bytes: &[u8]) -> usize {
+        let room = CONSOLE_INPUT_BYTES.saturating_sub(self.input.len());
+        let n = bytes.len().min(room);
+        if n == 0 || self.input.try_reserve(n).is_err() {
+            return 0;
+        }
+        self.input.extend(&bytes[..n]);
+        self.input_total = self.input_total.saturating_add(n as u64);
+        n
+    }
+
+    /// Copy up to `out.len()` waiting input bytes into `out` without taking them.
+    pub fn peek_input(&self, out: &mut [u8]) -> usize {
+        let n = out.len().min(self.input.len());
+        for (o, b) in out.iter_mut().zip(self.input.iter()) {
+            *o = *b;
+        }
+        n
+    }
+
+    /// Take `n` bytes (already copied with [`Self::peek_input`]) off the input.
+    pub fn consume_input(&mut self, n: usize) {
+        let n = n.min(self.input.len());
+        self.input.drain(..n);
+    }
+
+    /// Input bytes waiting.
+    pub fn input_len(&self) -> usize {
+        self.input.len()
+    }
+
+    /// Bytes ever given to the input.
+    pub fn input_total(&self) -> u64 {
+        self.input_total
+    }
+
+    /// Count bytes the domain asked to write (rate-limited or not).
+    pub fn count_output(&mut self, n: u64) {
+        self.output_total = self.output_total.saturating_add(n);
+    }
+
+    /// Bytes the domain ever asked to write.
+    pub fn output_total(&self) -> u64 {
+        self.output_total
     }
 
     /// The domain's console history.
@@ -246,6 +308,7 @@ impl DomainConsole {
     pub fn release_history(&mut self) {
         self.history.release();
         self.line = Vec::new();
+        self.input = VecDeque::new();
     }
 
     /// Bytes the domain may write now (refills first).
@@ -352,6 +415,27 @@ mod tests {
         fn write(&mut self, bytes: &[u8]) {
             self.0.extend_from_slice(bytes);
         }
+    }
+
+    #[test]
+    fn console_input_is_bounded_and_read_in_order() {
+        let mut c = DomainConsole::new(0);
+        assert_eq!(c.push_input(b"hello\n"), 6);
+        let mut out = [0u8; 4];
+        assert_eq!(c.peek_input(&mut out), 4);
+        assert_eq!(&out, b"hell");
+        c.consume_input(4);
+        let mut out = [0u8; 16];
+        assert_eq!(c.peek_input(&mut out), 2);
+        c.consume_input(100);
+        assert_eq!(c.input_len(), 0);
+        // Full: a short count, then nothing.
+        let big = [b'x'; CONSOLE_INPUT_BYTES + 10];
+        assert_eq!(c.push_input(&big), CONSOLE_INPUT_BYTES);
+        assert_eq!(c.push_input(b"y"), 0);
+        assert_eq!(c.input_total(), 6 + CONSOLE_INPUT_BYTES as u64);
+        c.release_history();
+        assert_eq!(c.input_len(), 0);
     }
 
     #[test]

@@ -304,13 +304,18 @@ impl Hypervisor {
         }
     }
 
-    /// Console input is waiting: raise `VIRQ_CONSOLE` in every domain that bound it (only
-    /// console-service domains may). For the arch layer's serial receive path.
+    /// Console input is waiting: raise `VIRQ_CONSOLE` in every console-service domain that
+    /// bound it (other domains bind it for their own input, `domctl CONSOLE_WRITE`). For the arch layer's serial receive path.
     pub fn console_input(&mut self, p: &mut Platform<'_>) -> CpuSet {
         let targets: Vec<DomId> = self
             .domains
             .iter()
-            .filter(|d| d.state().is_alive() && d.evtchn.is_some())
+            .filter(|d| {
+                d.state().is_alive()
+                    && d.evtchn.is_some()
+                    && d.caps
+                        .contains(shared_abi::capability::Capabilities::CONSOLE_SERVICE)
+            })
             .map(|d| d.id)
             .collect();
         targets.into_iter().fold(CpuSet::EMPTY, |k, t| {

@@ -238,6 +238,18 @@ pub struct Domain {
     pub instance: u64,
     /// Device (BAR) pages mapped into its device window (`physdev_op` map_bar).
     pub mmio: Vec<MmioMapping>,
+    /// I/O counters (`domctl DOMAIN_STATS`, `hvctl top`).
+    pub io: IoCounters,
+}
+
+/// A domain's I/O counters: running totals since it was built, each counted once, where the
+/// work is done (see `shared_abi::hypercall_args::domctl::DomainStats` for their meaning).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoCounters {
+    pub evtchn_sends: u64,
+    pub grant_copy_bytes: u64,
+    pub grant_copies_done: u64,
+    pub grant_maps: u64,
 }
 
 /// A run of a device's pages mapped uncached at `va` (not the domain's frames).

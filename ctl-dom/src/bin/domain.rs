@@ -55,7 +55,7 @@ mod platform;
 mod domain {
     use alloc::vec::Vec;
 
-    use ctl_dom::boot_devices::{BootDevice, DiskPlan, parse_disks, parse_vifs, restart_plans};
+    use ctl_dom::boot_devices::{BootDevice, DevicePlan, parse_disks, parse_vifs, restart_plans};
     use ctl_dom::boot_lifecycle::{BootLifecycle, BootPlatform, BootRecord, Outcome, RestartLimit};
     use dom_rt::event::Waiter;
     use dom_rt::{StartInfo, XenError, domctl, evtchn, println};
@@ -146,42 +146,12 @@ mod domain {
         }
     }
 
-    /// One transaction: a frontend or backend sees the whole device or none of it.
-    fn write_plan(xb: &mut Bus, plan: &DiskPlan) -> Result<(), XenError> {
-        use dom_rt::xenbus::TRANSACTION_TRIES;
-        xb.transaction(TRANSACTION_TRIES, |xb, tx| {
-            for (dir, perms) in &plan.dirs {
-                xb.mkdir(tx, dir)?;
-                xb.set_perms(tx, dir, &[&perms[0], &perms[1]])?;
-            }
-            for (k, v) in &plan.entries {
-                xb.write(tx, k, v.as_bytes())?;
-            }
-            // Nodes already there (a re-pointed device: the frontend's state, ring keys…)
-            // keep the permissions they were created with: give them the directory's, so
-            // the new backend may read them.
-            let (dir, perms) = &plan.dirs[0];
-            set_perms_below(xb, tx, dir, &[&perms[0], &perms[1]], 3)
-        })
-    }
-
-    /// `set_perms` on every node below `dir`, `depth` levels down.
-    fn set_perms_below(
-        xb: &mut Bus,
-        tx: dom_rt::xenbus::Tx,
-        dir: &str,
-        perms: &[&str],
-        depth: u32,
-    ) -> Result<(), XenError> {
-        if depth == 0 {
-            return Ok(());
-        }
-        for child in xb.directory(tx, dir)? {
-            let p = alloc::format!("{dir}/{child}");
-            xb.set_perms(tx, &p, perms)?;
-            set_perms_below(xb, tx, &p, perms, depth - 1)?;
-        }
-        Ok(())
+    /// One transaction: a frontend or backend sees the whole device or none of it (the
+    /// writer run-time devices use too, [`crate::platform::write_plan`]). Nodes already
+    /// there (a re-pointed device's frontend state, ring keys…) get the frontend
+    /// directory's permissions, so the new backend may read them.
+    fn write_plan(xb: &mut Bus, plan: &DevicePlan) -> Result<(), XenError> {
+        crate::platform::write_plan(xb, &plan.xs, true)
     }
 
     /// Boot domain `name` came back as domain `new` (it was `old`): re-point the devices it
@@ -210,7 +180,7 @@ mod domain {
     /// Write each new plan and remove the dead side's backend directory.
     fn repoint(
         xb: &mut Bus,
-        plans: Vec<(DiskPlan, alloc::string::String)>,
+        plans: Vec<(DevicePlan, alloc::string::String)>,
         name: &str,
         old: DomId,
         new: DomId,

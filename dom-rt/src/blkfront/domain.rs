@@ -27,13 +27,29 @@ pub struct DomPage {
     va: u64,
 }
 
-/// Heap pages and grant refs `first..end` of this domain's own table.
+/// Heap pages and grant refs of this domain's own table: `first..end` for this one user
+/// ([`DomainGrants::new`]), or every ref above the reserved ones, shared by every
+/// [`DomainGrants::all`] in the domain (several frontends: each disk or vif hotplugged gets
+/// its own `DomainGrants`, and a ref is handed to one of them at a time).
 pub struct DomainGrants {
     table: GrantTable<'static>,
     next: GrantRef,
     end: GrantRef,
     free: Vec<GrantRef>,
+    shared: bool,
 }
+
+/// The refs every [`DomainGrants::all`] of this domain draws from: never handed out yet
+/// from `next` on, and ended ones to reuse.
+struct SharedRefs {
+    next: GrantRef,
+    free: Vec<GrantRef>,
+}
+
+static SHARED_REFS: spin::Mutex<SharedRefs> = spin::Mutex::new(SharedRefs {
+    next: NR_RESERVED_ENTRIES,
+    free: Vec::new(),
+});
 
 impl core::fmt::Debug for DomainGrants {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -54,12 +70,45 @@ impl DomainGrants {
             next: first.max(NR_RESERVED_ENTRIES),
             end,
             free: Vec::new(),
+            shared: false,
         }
     }
 
-    /// Every ref above the reserved ones.
+    /// Every ref above the reserved ones, shared with every other `all()` of the domain.
     pub fn all() -> Self {
-        Self::new(NR_RESERVED_ENTRIES, GrantRef::MAX)
+        let mut g = Self::new(NR_RESERVED_ENTRIES, GrantRef::MAX);
+        g.shared = true;
+        g
+    }
+
+    fn take_ref(&mut self) -> Option<GrantRef> {
+        if self.shared {
+            let mut r = SHARED_REFS.lock();
+            if let Some(g) = r.free.pop() {
+                return Some(g);
+            }
+            if r.next < self.end {
+                r.next += 1;
+                return Some(r.next - 1);
+            }
+            return None;
+        }
+        match self.free.pop() {
+            Some(g) => Some(g),
+            None if self.next < self.end => {
+                self.next += 1;
+                Some(self.next - 1)
+            }
+            None => None,
+        }
+    }
+
+    fn put_ref(&mut self, gref: GrantRef) {
+        if self.shared {
+            SHARED_REFS.lock().free.push(gref);
+        } else {
+            self.free.push(gref);
+        }
     }
 
     fn pages(n: usize) -> Result<u64, BlkError> {
@@ -143,16 +192,9 @@ impl Grants for DomainGrants {
         page: &DomPage,
         readonly: bool,
     ) -> Result<GrantRef, BlkError> {
-        let gref = match self.free.pop() {
-            Some(g) => g,
-            None if self.next < self.end => {
-                self.next += 1;
-                self.next - 1
-            }
-            None => return Err(BlkError::NoResources("grant refs")),
-        };
+        let gref = self.take_ref().ok_or(BlkError::NoResources("grant refs"))?;
         if let Err(e) = self.table.grant_access(gref, domid, page.va, readonly) {
-            self.free.push(gref);
+            self.put_ref(gref);
             return Err(BlkError::Hypercall(e));
         }
         Ok(gref)
@@ -160,7 +202,7 @@ impl Grants for DomainGrants {
 
     fn end_access(&mut self, gref: GrantRef) -> bool {
         if self.table.end_access(gref).is_ok() {
-            self.free.push(gref);
+            self.put_ref(gref);
             true
         } else {
             false
@@ -255,5 +297,15 @@ impl<T: Transport> XsStore for XenbusStore<'_, T> {
 
     fn wait(&mut self) {
         let _ = time::sleep(1_000_000);
+    }
+}
+
+impl<T: Transport> crate::hotplug::DirStore for XenbusStore<'_, T> {
+    fn directory(&mut self, path: &str) -> Result<Vec<String>, StoreError> {
+        match self.xb.directory(Tx::NONE, path) {
+            Ok(v) => Ok(v),
+            Err(XenError::ENOENT) => Ok(Vec::new()),
+            Err(e) => Err(store_err("directory", path, e)),
+        }
     }
 }

@@ -436,6 +436,25 @@ impl XsStore for FakeStore {
     }
 }
 
+impl crate::hotplug::DirStore for FakeStore {
+    fn directory(&mut self, path: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = alloc::format!("{}/", path.trim_end_matches('/'));
+        let mut out: Vec<String> = Vec::new();
+        for k in self.store.borrow().nodes.keys() {
+            if let Some(rest) = k.strip_prefix(&prefix)
+                && let Some(child) = rest.split('/').next()
+                && !child.is_empty()
+                && out.last().is_none_or(|l| l != child)
+            {
+                out.push(String::from(child));
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+}
+
 /// A peer that does nothing.
 pub fn idle_peer() -> Peer {
     let p: Peer = Rc::new(RefCell::new(|| {}));

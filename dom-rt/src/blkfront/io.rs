@@ -17,6 +17,7 @@ use shared_abi::ring::FrontRing;
 
 use super::negotiate::{DiskInfo, FrontConfig, QueueSetup, negotiate};
 use super::{BlkError, BlockDevice, Broken, Events, Grants, XsStore};
+use crate::front::{GRANT_RETRY_ROUNDS, Released, close_handshake};
 
 /// Names one submitted operation.
 pub type Tag = u64;
@@ -185,63 +186,91 @@ impl<G: Grants, E: Events> Blkfront<G, E> {
     /// Close the device as Linux's blkfront does on unplug: Closing, wait for the backend
     /// to close (it unmaps everything), Closed; then end every grant and close the ports.
     /// Operations still pending fail. `frontend_dir` is the directory connected to;
-    /// `wait_rounds` bounds each wait.
+    /// `wait_rounds` bounds each wait. A timeout names the state the backend never reached
+    /// (the device is released all the same: see [`release`](Self::release)).
     pub fn close<S: XsStore>(
-        mut self,
+        self,
         store: &mut S,
         frontend_dir: &str,
         wait_rounds: u32,
     ) -> Result<(), BlkError> {
-        use shared_abi::xenbus::{XenbusState, path, read_other_end, read_state};
-        let (_, backend) = read_other_end(store, frontend_dir, "backend-id", "backend")?;
-        store.write(&path(frontend_dir, "state"), XenbusState::Closing.as_str())?;
-        let closed = |s: XenbusState| {
-            matches!(
-                s,
-                XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown
-            )
-        };
-        // A backend whose directory is gone (or no longer readable: it exited and its nodes
-        // went with it) has closed.
-        let state = |store: &mut S| read_state(store, &backend).unwrap_or(XenbusState::Unknown);
-        let mut ok = false;
-        for _ in 0..=wait_rounds {
-            if closed(state(store)) {
-                ok = true;
-                break;
-            }
-            store.wait();
-        }
-        store.write(&path(frontend_dir, "state"), XenbusState::Closed.as_str())?;
-        for _ in 0..=wait_rounds {
-            if matches!(state(store), XenbusState::Closed | XenbusState::Unknown) {
-                break;
-            }
-            store.wait();
-        }
-        // Nothing more will be answered.
+        self.release(store, frontend_dir, wait_rounds).result()
+    }
+
+    /// Release the device, whoever started the close: the guest (unplug), or the toolstack
+    /// (a detach: the backend went Closing, as Linux's `blkback_changed` sees it), or the
+    /// device directory vanished (a forced detach). Runs the close handshake
+    /// (the one in `crate::front`: bounded waits, nothing written to a directory
+    /// that is gone), fails every pending operation, then ends every grant (ring, in-flight,
+    /// persistent and set-aside pages) and closes the ports. A grant the backend still maps
+    /// cannot end: it stays, its page is never reused (counted in [`Released::leaked`]).
+    /// Pages whose grants ended go back to [`Grants::free_page`]; the ring memory is kept
+    /// (as rings always are).
+    pub fn release<S: XsStore>(
+        mut self,
+        store: &mut S,
+        frontend_dir: &str,
+        wait_rounds: u32,
+    ) -> Released {
+        let backend =
+            shared_abi::xenbus::read_other_end(store, frontend_dir, "backend-id", "backend")
+                .map(|(_, b)| b)
+                .unwrap_or_else(|_| {
+                    alloc::format!(
+                        "/local/domain/{}/backend/vbd/{}/{}",
+                        self.info.backend_id,
+                        frontend_dir.split('/').nth(3).unwrap_or("?"),
+                        self.info.devid
+                    )
+                });
+        let mut r = close_handshake(store, frontend_dir, &backend, wait_rounds);
+        // Nothing more will be answered: take what was, then fail the rest.
+        self.reap();
+        r.dropped = self.ops.len();
         for (tag, _) in core::mem::take(&mut self.ops) {
             self.done.push_back((tag, Err(BlkError::Io)));
         }
-        let mut granted: Vec<GrantRef> = self.free_granted.iter().map(|g| g.gref).collect();
-        granted.extend(self.busy.iter().map(|g| g.gref));
-        for q in &self.queues {
-            granted.extend(q.ring_pages.iter().map(|(g, _)| *g));
+        let mut pages: Vec<Granted<G::Page>> = core::mem::take(&mut self.free_granted);
+        pages.append(&mut self.busy);
+        for sh in self.shadows.iter_mut().filter_map(Option::take) {
+            pages.extend(sh.data.into_iter().map(|(g, _)| g));
+            pages.extend(sh.indirect);
         }
-        for g in granted {
-            // A grant the backend still holds stays: its page is leaked, never reused.
-            let _ = self.grants.end_access(g);
+        for p in core::mem::take(&mut self.free_pages) {
+            self.grants.free_page(p);
         }
+        // Ring memory is never freed (it may be one multi-page allocation): only its grants.
+        let mut rings: Vec<GrantRef> = Vec::new();
+        for q in core::mem::take(&mut self.queues) {
+            rings.extend(q.ring_pages.into_iter().map(|(g, _)| g));
+        }
+        // A backend tearing down on its own (a forced detach) may still be unmapping:
+        // retry for a bounded time; what it never lets go stays granted, its page unused.
+        let retries = wait_rounds.min(GRANT_RETRY_ROUNDS);
+        for round in 0..=retries {
+            let mut still = Vec::new();
+            for g in pages {
+                if self.grants.end_access(g.gref) {
+                    r.ended += 1;
+                    self.grants.free_page(g.page);
+                } else {
+                    still.push(g);
+                }
+            }
+            pages = still;
+            let before = rings.len();
+            rings.retain(|&g| !self.grants.end_access(g));
+            r.ended += before - rings.len();
+            if (pages.is_empty() && rings.is_empty()) || round == retries {
+                break;
+            }
+            store.wait();
+        }
+        r.leaked = pages.len() + rings.len();
         for p in core::mem::take(&mut self.ports) {
             self.events.close(p);
         }
-        if ok {
-            Ok(())
-        } else {
-            Err(BlkError::Timeout {
-                waiting_for: "Closing",
-            })
-        }
+        r
     }
 
     /// The disk as negotiated.
@@ -896,11 +925,11 @@ impl<G: Grants, E: Events> Blkfront<G, E> {
         for sh in old {
             let mut data = Vec::with_capacity(sh.data.len());
             for (g, len) in sh.data {
-                data.push((self.release(g)?, len));
+                data.push((self.release_page(g)?, len));
             }
             let mut ind = Vec::with_capacity(sh.indirect.len());
             for g in sh.indirect {
-                ind.push(self.release(g)?);
+                ind.push(self.release_page(g)?);
             }
             pending.push((sh.tag, sh.rsp_op, sh.sector_512, sh.offset, data, ind));
         }
@@ -978,7 +1007,7 @@ impl<G: Grants, E: Events> Blkfront<G, E> {
 
     /// End the grant of an in-flight page, keeping its data: the page itself, or (if the
     /// grantee still maps it) a copy, the original set aside.
-    fn release(&mut self, g: Granted<G::Page>) -> Result<G::Page, BlkError> {
+    fn release_page(&mut self, g: Granted<G::Page>) -> Result<G::Page, BlkError> {
         if self.grants.end_access(g.gref) {
             return Ok(g.page);
         }

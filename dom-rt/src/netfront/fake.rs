@@ -309,7 +309,14 @@ impl Backend {
                     };
                     xb.connected(&mut *self.store.borrow_mut()).unwrap();
                 }
-                Ok(Action::Disconnect | Action::Remove) => self.disconnect(),
+                Ok(Action::Disconnect) => self.disconnect(),
+                Ok(Action::Close | Action::Remove) => {
+                    // Unmap first, then Closed (the frontend ends its grants on Closed).
+                    self.disconnect();
+                    if let Some(xb) = self.xb.as_mut() {
+                        let _ = xb.disconnected(&mut *self.store.borrow_mut());
+                    }
+                }
                 Ok(Action::None) => {}
                 Err(e) => self.error = Some(alloc::format!("{e}")),
             }

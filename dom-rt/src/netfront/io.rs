@@ -14,13 +14,14 @@ use shared_abi::netif::{
     netrxf, nettxf, rsp,
 };
 use shared_abi::ring::FrontRing;
-use shared_abi::xenbus::{XenbusError, XenbusState, path, read_other_end, read_state};
+use shared_abi::xenbus::{XenbusError, XenbusState, read_other_end, read_state};
 
 use super::negotiate::{NetInfo, QueueSetup, finish, negotiate};
 use super::{
     Broken, Events, Grants, MAX_FRAME, MAX_SLOTS_PER_FRAME, MIN_FRAME, NetConfig, NetError,
     RING_SLOTS, Ring, XsStore,
 };
+use crate::front::{GRANT_RETRY_ROUNDS, Released, close_handshake};
 
 /// A received frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -270,8 +271,10 @@ impl<G: Grants, E: Events> Netfront<G, E> {
     }
 
     /// Drop every queue: tx frames in flight are lost (counted dropped), posted rx buffers
-    /// and the rings' grants end, the ports close.
-    fn teardown(&mut self) {
+    /// and the rings' grants end, the ports close. The ring grants that could not end (the
+    /// backend still maps them).
+    fn teardown(&mut self) -> Vec<GrantRef> {
+        let mut rings_mapped = Vec::new();
         for q in core::mem::take(&mut self.queues) {
             for s in q.tx_slots.into_iter().flatten() {
                 if s.head {
@@ -287,7 +290,9 @@ impl<G: Grants, E: Events> Netfront<G, E> {
             }
             // Ring memory is never reused (the backend may have it mapped until it goes).
             for (gref, _) in q.ring_pages {
-                let _ = self.grants.end_access(gref);
+                if !self.grants.end_access(gref) {
+                    rings_mapped.push(gref);
+                }
             }
             self.events.close(q.tx_port);
             if q.rx_port != q.tx_port {
@@ -295,6 +300,7 @@ impl<G: Grants, E: Events> Netfront<G, E> {
             }
         }
         self.ports.clear();
+        rings_mapped
     }
 
     /// Signal every port once the backend is connected (as Linux's `xennet_connect`
@@ -828,43 +834,60 @@ impl<G: Grants, E: Events> Netfront<G, E> {
 
     /// Close the device as Linux's netfront does on unplug: Closing, wait for the backend
     /// to close (it unmaps everything), Closed; then end every grant, free the pages it let
-    /// go and close the ports. Tx frames without a response are dropped.
-    pub fn close<S: XsStore>(mut self, store: &mut S) -> Result<(), NetError> {
+    /// go and close the ports. Tx frames without a response are dropped. A timeout names
+    /// the state the backend never reached (the device is released all the same: see
+    /// [`release`](Self::release)).
+    pub fn close<S: XsStore>(self, store: &mut S) -> Result<(), NetError> {
+        self.release(store).result().map_err(NetError::from)
+    }
+
+    /// Release the device, whoever started the close: the guest (unplug), the toolstack (a
+    /// detach: the backend went Closing, as Linux's `netback_changed` sees it) or a vanished
+    /// device directory (forced detach). The close handshake is
+    /// `crate::front::close_handshake` (bounded waits, nothing written to a directory that
+    /// is gone); then every grant ends (rings, posted rx buffers, tx slots in flight, pages
+    /// set aside), pages whose grants ended are freed and the ports close. A grant the
+    /// backend still maps stays and its page is never reused ([`Released::leaked`]).
+    pub fn release<S: XsStore>(mut self, store: &mut S) -> Released {
         let fe = self.frontend_dir.clone();
         let backend = self.info.backend.clone();
-        let rounds = self.cfg.wait_rounds;
-        store.write(&path(&fe, "state"), XenbusState::Closing.as_str())?;
-        let state = |store: &mut S| read_state(store, &backend).unwrap_or(XenbusState::Unknown);
-        let mut ok = false;
-        for _ in 0..=rounds {
-            if matches!(
-                state(store),
-                XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown
-            ) {
-                ok = true;
-                break;
-            }
-            store.wait();
-        }
-        store.write(&path(&fe, "state"), XenbusState::Closed.as_str())?;
-        for _ in 0..=rounds {
-            if matches!(state(store), XenbusState::Closed | XenbusState::Unknown) {
-                break;
-            }
-            store.wait();
+        let mut r = close_handshake(store, &fe, &backend, self.cfg.wait_rounds);
+        let dropped0 = self.stats.tx_dropped;
+        let mut total = self.pool.busy.len();
+        for q in &self.queues {
+            total += q.ring_pages.len();
+            total += q.tx_slots.iter().flatten().count();
+            total += q.rx_bufs.iter().flatten().count();
         }
         self.broken = None;
-        self.teardown();
-        self.retry_busy();
+        let mut rings = self.teardown();
+        r.dropped = (self.stats.tx_dropped - dropped0) as usize;
+        // Pages set aside before, or just now because the backend still maps them: a
+        // backend tearing down on its own (a forced detach) may still be unmapping, so retry
+        // for a bounded time; what it never lets go stays granted, its page unused.
+        let retries = self.cfg.wait_rounds.min(GRANT_RETRY_ROUNDS);
+        let mut busy = core::mem::take(&mut self.pool.busy);
+        for round in 0..=retries {
+            let mut still = Vec::new();
+            for g in busy {
+                if self.grants.end_access(g.gref) {
+                    self.grants.free_page(g.page);
+                } else {
+                    still.push(g);
+                }
+            }
+            busy = still;
+            rings.retain(|&g| !self.grants.end_access(g));
+            if (busy.is_empty() && rings.is_empty()) || round == retries {
+                break;
+            }
+            store.wait();
+        }
+        r.leaked = busy.len() + rings.len();
+        r.ended = total.saturating_sub(r.leaked);
         for p in core::mem::take(&mut self.pool.free) {
             self.grants.free_page(p);
         }
-        if ok {
-            Ok(())
-        } else {
-            Err(NetError::Timeout {
-                waiting_for: "Closing",
-            })
-        }
+        r
     }
 }

@@ -57,7 +57,7 @@ mod io;
 mod negotiate;
 
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 #[cfg(test)]
 mod tests;
 

@@ -451,6 +451,16 @@ impl<T: Transport> Xenbus<T> {
         one_string(&self.request(MsgType::GetDomainPath, Tx::NONE, &z(&format!("{domid}")))?)
     }
 
+    /// IS_DOMAIN_INTRODUCED: whether the store serves `domid` yet.
+    pub fn is_domain_introduced(&mut self, domid: DomId) -> Result<bool, XenError> {
+        let r = self.request(
+            MsgType::IsDomainIntroduced,
+            Tx::NONE,
+            &z(&format!("{domid}")),
+        )?;
+        Ok(one_string(&r)? == "T")
+    }
+
     /// SET_PERMS: `perms` in Xen's string form (`n1`, `r2`, `w3`, `b4`; the first names
     /// the owner and the default).
     pub fn set_perms(&mut self, tx: Tx, path: &str, perms: &[&str]) -> Result<(), XenError> {

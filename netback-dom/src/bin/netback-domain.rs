@@ -64,7 +64,7 @@ mod domain {
     use dom_rt::device::irq::Interrupt;
     use dom_rt::device::virtio::{DomHal, VirtioPci, VirtioTransport};
     use dom_rt::gnttab::{self, MapWindow};
-    use dom_rt::xenbus::{DomainBus, Tx};
+    use dom_rt::xenbus::{DomainBus, Tx, WatchHandle};
     use dom_rt::{StartInfo, XenError, evtchn, hypercall, println, time};
     use netback_dom::backend::{Disconnect, MIN_POOL_PAGES, Notify, Queue, RingKind, Vif};
     use netback_dom::config::{
@@ -79,7 +79,7 @@ mod domain {
     use shared_abi::event_channel::EvtchnPort;
     use shared_abi::grant_table::{GntStatus, GnttabCopy, GrantHandle};
     use shared_abi::start_info::SHARED_INFO_VA;
-    use shared_abi::xenbus::{XenbusError, XenbusState, path};
+    use shared_abi::xenbus::{BackendDir, XenbusError, XenbusState, backend_ready_to_probe, path};
     use virtio_drivers::device::net::VirtIONetRaw;
 
     type Bus = DomainBus;
@@ -359,6 +359,8 @@ mod domain {
         last_fe: Option<Option<String>>,
         xb: NetbackXenbus,
         conn: Option<Connected>,
+        /// The watch on the frontend's `state` (dropped when the vif is forgotten).
+        watch: Option<WatchHandle>,
     }
 
     struct Backend {
@@ -411,6 +413,12 @@ mod domain {
                 if self.devices.contains_key(&dir) {
                     continue;
                 }
+                // Only a directory the toolstack left Initialising (as Linux's
+                // xenbus_probe_node): one a detached vif left Closed waits for the toolstack
+                // to remove it, and is never probed again.
+                if !backend_ready_to_probe(&mut XenbusStore { xb: &mut *xb }, &dir) {
+                    continue;
+                }
                 // Probe once the frontend directory exists (its state is readable).
                 let Some(fe_state) = xb.frontend_state_path(&dir) else {
                     if self.waiting.insert(dir.clone(), ()).is_none() {
@@ -426,9 +434,13 @@ mod domain {
                 match probed {
                     Ok(dev) => {
                         let dirty = self.dirty.clone();
-                        if let Err(e) = xb.watch(&fe_state, move |_| dirty.set(true)) {
-                            println!("netback: {dir}: watch {fe_state}: {e:?}");
-                        }
+                        let watch = match xb.watch(&fe_state, move |_| dirty.set(true)) {
+                            Ok(w) => Some(w),
+                            Err(e) => {
+                                println!("netback: {dir}: watch {fe_state}: {e:?}");
+                                None
+                            }
+                        };
                         println!(
                             "netback: {dir}: probed (frontend {}), InitWait",
                             dev.frontend_path()
@@ -447,6 +459,7 @@ mod domain {
                                 last_fe: None,
                                 xb: dev,
                                 conn: None,
+                                watch,
                             },
                         );
                     }
@@ -602,6 +615,17 @@ mod domain {
             true
         }
 
+        /// Tear `dir` down and forget it (its frontend watch too); other vifs are not
+        /// touched.
+        fn forget(&mut self, xb: &mut Bus, dir: &str) {
+            self.teardown(dir);
+            if let Some(dev) = self.devices.remove(dir)
+                && let Some(w) = dev.watch
+            {
+                let _ = xb.unwatch(w);
+            }
+        }
+
         /// Hand frontend state changes to the xenbus logic.
         fn frontends(&mut self, xb: &mut Bus) {
             let dirs: Vec<String> = self.devices.keys().cloned().collect();
@@ -609,12 +633,21 @@ mod domain {
                 let Some(dev) = self.devices.get_mut(&dir) else {
                     continue;
                 };
+                // The toolstack removed the vif (a detach, forced or after a timeout), or
+                // wrote it again for a re-attach of the same id: forget the old one (the
+                // next scan probes a new one).
+                let seen = dev.xb.backend_dir(&mut XenbusStore { xb: &mut *xb });
+                if seen != BackendDir::Unchanged {
+                    self.forget(xb, &dir);
+                    self.dirty.set(true);
+                    println!("netback: {dir}: backend directory {seen:?}, vif removed");
+                    continue;
+                }
                 let now = match xb.read_string(Tx::NONE, &dev.fe_state) {
                     Ok(v) => Some(v),
                     // The frontend's home is gone (its domain was released): so is the vif.
                     Err(XenError::EACCES) => {
-                        self.teardown(&dir);
-                        self.devices.remove(&dir);
+                        self.forget(xb, &dir);
                         println!("netback: {dir}: frontend domain gone, vif removed");
                         continue;
                     }
@@ -634,14 +667,23 @@ mod domain {
                     Ok(Action::Disconnect) => {
                         if self.teardown(&dir) {
                             println!("netback: {dir}: frontend closing, disconnected");
+                        }
+                    }
+                    Ok(a @ (Action::Close | Action::Remove)) => {
+                        // Unmapped first, then Closed: the frontend ends its grants on it.
+                        self.teardown(&dir);
+                        if let Some(dev) = self.devices.get_mut(&dir) {
+                            let mut s = XenbusStore { xb: &mut *xb };
+                            if let Err(e) = dev.xb.disconnected(&mut s) {
+                                println!("netback: {dir}: {e}");
+                            }
+                        }
+                        if a == Action::Remove {
+                            self.forget(xb, &dir);
+                            println!("netback: {dir}: frontend closed or gone, vif removed");
                         } else {
                             println!("netback: {dir}: frontend closed");
                         }
-                    }
-                    Ok(Action::Remove) => {
-                        self.teardown(&dir);
-                        self.devices.remove(&dir);
-                        println!("netback: {dir}: frontend gone, vif removed");
                     }
                     Err(e) => println!("netback: {dir}: {e}"),
                 }

@@ -5,8 +5,9 @@
 
 use shared_abi::domid::DOMID_XEN;
 use shared_abi::errno::XenError;
+use shared_abi::event_channel::virq;
 use shared_abi::hypercall_args::Wire;
-use shared_abi::hypercall_args::domctl::{self as dc, ConsoleRead};
+use shared_abi::hypercall_args::domctl::{self as dc, ConsoleRead, ConsoleWrite, DomainStats};
 
 use super::{Call, HcResult};
 use crate::domain::DomainState;
@@ -46,6 +47,82 @@ impl Call<'_, '_> {
     }
 }
 
+impl Call<'_, '_> {
+    /// `CONSOLE_WRITE`: console input for `target` (see [`dc::CONSOLE_WRITE`]).
+    ///
+    /// Why `console_io(CONSOLEIO_read)` + `VIRQ_CONSOLE` and not the Xen console ring:
+    /// the builder maps a `xencons_interface` page in every domain and grants it (ref 0) to
+    /// the console-service domain, but gives no console event channel (`console_evtchn` is
+    /// 0), and the ring belongs to that service domain's backend when one runs: the
+    /// hypervisor writing `in[]` behind its back would race it. So input stays in a bounded
+    /// hypervisor buffer that the domain drains itself with `CONSOLEIO_read` (Xen's call,
+    /// here reading the caller's own input), woken by `VIRQ_CONSOLE` if it bound it.
+    pub(super) fn console_write(&mut self, arg: u64, target: u16, buf: &mut [u8]) -> HcResult {
+        let token = policy::control(self.caller(), target)?;
+        let mut req =
+            ConsoleWrite::decode(buf.get(16..).ok_or(XenError::EFAULT)?).ok_or(XenError::EFAULT)?;
+        if req.len > dc::CONSOLE_WRITE_MAX || req.pad != 0 {
+            return Err(XenError::EINVAL);
+        }
+        let target = token.target();
+        let room = {
+            let d = self
+                .hv
+                .domains
+                .get(target)
+                .filter(|d| d.state().is_alive())
+                .ok_or(XenError::ESRCH)?;
+            dc::CONSOLE_INPUT_BYTES.saturating_sub(d.console.input_len())
+        };
+        let n = (req.len as usize).min(room);
+        if req.len > 0 && n == 0 {
+            return Err(XenError::EAGAIN);
+        }
+        let mut data = alloc::vec![0u8; n];
+        self.mem()?.copy_from_guest(req.buffer, &mut data)?;
+        let d = self.hv.domains.get_mut(target).ok_or(XenError::ESRCH)?;
+        let taken = d.console.push_input(&data);
+        if n > 0 && taken == 0 {
+            // No memory for the buffer: the caller retries.
+            return Err(XenError::EAGAIN);
+        }
+        req.done = taken as u32;
+        if let Some(dst) = buf.get_mut(16..) {
+            req.encode(dst);
+        }
+        self.mem()?.copy_to_guest(arg, buf)?;
+        if taken > 0 {
+            let k = self.hv.raise_virq(self.p, target, virq::CONSOLE, 0);
+            self.kick(k);
+        }
+        Ok(taken as i64)
+    }
+
+    /// `DOMAIN_STATS`: `target`'s I/O counters (see [`dc::DOMAIN_STATS`]).
+    pub(super) fn domain_stats(&mut self, arg: u64, target: u16, buf: &mut [u8]) -> HcResult {
+        let token = policy::control(self.caller(), target)?;
+        let d = self
+            .hv
+            .domains
+            .get(token.target())
+            .filter(|d| d.state() != DomainState::Dead)
+            .ok_or(XenError::ESRCH)?;
+        let s = DomainStats {
+            evtchn_sends: d.io.evtchn_sends,
+            grant_copy_bytes: d.io.grant_copy_bytes,
+            grant_copies_done: d.io.grant_copies_done,
+            grant_maps: d.io.grant_maps,
+            console_out_bytes: d.console.output_total(),
+            console_in_bytes: d.console.input_total(),
+        };
+        if let Some(dst) = buf.get_mut(16..) {
+            s.encode(dst);
+        }
+        self.mem()?.copy_to_guest(arg, buf)?;
+        Ok(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use alloc::string::String;
@@ -55,8 +132,12 @@ mod tests {
     use shared_abi::capability::Capabilities;
     use shared_abi::domid::{DOMID_SELF, DOMID_XEN};
     use shared_abi::errno::XenError;
+    use shared_abi::event_channel::{EvtchnBindVirq, op as eop, virq};
+    use shared_abi::hypercall::{self as hc, console_io};
     use shared_abi::hypercall_args::Wire;
-    use shared_abi::hypercall_args::domctl::{self as dc, ConsoleRead, MaxMem};
+    use shared_abi::hypercall_args::domctl::{
+        self as dc, ConsoleRead, ConsoleWrite, DomainStats, MaxMem,
+    };
     use shared_abi::start_info::HEAP_BASE;
 
     use crate::domain::builder::DomainConfig;
@@ -279,6 +360,256 @@ mod tests {
             read(&mut env, &mut hv, 2, req(0, 64)).0,
             XenError::ESRCH.as_ret()
         );
+    }
+
+    /// `CONSOLE_WRITE` of `data` (put at BUF) to `dom`: (ret, `done` out).
+    fn cwrite(
+        env: &mut Env,
+        hv: &mut Hypervisor,
+        dom: DomId,
+        req: ConsoleWrite,
+        data: &[u8],
+    ) -> (i64, u32) {
+        mem(env, hv, 1).copy_to_guest(BUF, data).unwrap();
+        let mut p = [0u8; ConsoleWrite::SIZE];
+        req.encode(&mut p);
+        let r = domctl(env, hv, dc::CONSOLE_WRITE, dom, &p);
+        let mut out = [0u8; dc::DOMCTL_LEN];
+        mem(env, hv, 1).copy_from_guest(ARG, &mut out).unwrap();
+        (r, ConsoleWrite::decode(&out[16..]).unwrap().done)
+    }
+
+    fn wreq(len: u32) -> ConsoleWrite {
+        ConsoleWrite {
+            buffer: BUF,
+            len,
+            ..ConsoleWrite::default()
+        }
+    }
+
+    /// Domain 1 (current on CPU 0) calls `console_io(READ, count, BUF)`: (ret, bytes).
+    fn guest_read(env: &mut Env, hv: &mut Hypervisor, count: u64) -> (i64, Vec<u8>) {
+        let r = hv
+            .hypercall(
+                &mut env.platform(),
+                0,
+                hc::CONSOLE_IO,
+                [console_io::READ, count, BUF, 0, 0],
+            )
+            .ret;
+        let mut data = alloc::vec![0u8; usize::try_from(r).unwrap_or(0)];
+        mem(env, hv, 1).copy_from_guest(BUF, &mut data).unwrap();
+        (r, data)
+    }
+
+    /// Domain 1 binds `VIRQ_CONSOLE`; its port.
+    fn bind_console_virq(env: &mut Env, hv: &mut Hypervisor) -> u32 {
+        let b = EvtchnBindVirq {
+            virq: virq::CONSOLE,
+            vcpu: 0,
+            port: 0,
+        }
+        .to_bytes();
+        mem(env, hv, 1).copy_to_guest(ARG, &b).unwrap();
+        let r = hv
+            .hypercall(
+                &mut env.platform(),
+                0,
+                hc::EVENT_CHANNEL_OP,
+                [u64::from(eop::BIND_VIRQ), ARG, 0, 0, 0],
+            )
+            .ret;
+        assert_eq!(r, 0);
+        let mut out = alloc::vec![0u8; b.len()];
+        mem(env, hv, 1).copy_from_guest(ARG, &mut out).unwrap();
+        EvtchnBindVirq::from_bytes(&out).unwrap().port
+    }
+
+    fn pending(env: &Env, hv: &Hypervisor, dom: DomId, port: u32) -> bool {
+        let si = hv.domains.get(dom).unwrap().shared_info;
+        let w = env.frame_bytes(si, 0x800 + (port as usize / 64) * 8, 8);
+        u64::from_le_bytes(w.try_into().unwrap()) & (1 << (port % 64)) != 0
+    }
+
+    #[test]
+    fn console_input_reaches_the_domain_and_raises_virq_console() {
+        let (mut env, mut hv) = system(Capabilities::DOMAIN_CONTROL);
+        // Domain 1 is the one running here, so it plays the guest reading its own input.
+        let port = bind_console_virq(&mut env, &mut hv);
+        assert!(!pending(&env, &hv, 1, port));
+        assert_eq!(
+            guest_read(&mut env, &mut hv, 64),
+            (0, Vec::new()),
+            "none yet"
+        );
+        assert_eq!(
+            cwrite(&mut env, &mut hv, DOMID_SELF, wreq(9), b"hi there\n"),
+            (9, 9)
+        );
+        assert!(pending(&env, &hv, 1, port), "VIRQ_CONSOLE raised");
+        assert_eq!(guest_read(&mut env, &mut hv, 3), (3, b"hi ".to_vec()));
+        assert_eq!(
+            guest_read(&mut env, &mut hv, u64::MAX),
+            (6, b"there\n".to_vec())
+        );
+        assert_eq!(guest_read(&mut env, &mut hv, 64).0, 0);
+        // A read into a bad buffer takes nothing away.
+        assert_eq!(
+            cwrite(&mut env, &mut hv, DOMID_SELF, wreq(2), b"ok"),
+            (2, 2)
+        );
+        let r = hv
+            .hypercall(
+                &mut env.platform(),
+                0,
+                hc::CONSOLE_IO,
+                [console_io::READ, 2, 0xffff_8000_0000_0000, 0, 0],
+            )
+            .ret;
+        assert_eq!(r, XenError::EFAULT.as_ret());
+        assert_eq!(guest_read(&mut env, &mut hv, 64), (2, b"ok".to_vec()));
+        // The other domain's input is its own.
+        assert_eq!(cwrite(&mut env, &mut hv, 2, wreq(4), b"dom2"), (4, 4));
+        assert_eq!(guest_read(&mut env, &mut hv, 64).0, 0);
+        assert_eq!(hv.domains.get(2).unwrap().console.input_len(), 4);
+    }
+
+    #[test]
+    fn console_input_is_bounded_short_count_then_eagain() {
+        let (mut env, mut hv) = system(Capabilities::DOMAIN_CONTROL);
+        let data = [b'x'; dc::CONSOLE_WRITE_MAX as usize];
+        assert_eq!(
+            cwrite(&mut env, &mut hv, 2, wreq(1000), &data),
+            (1000, 1000)
+        );
+        assert_eq!(
+            cwrite(&mut env, &mut hv, 2, wreq(100), &data),
+            (24, 24),
+            "short"
+        );
+        assert_eq!(
+            cwrite(&mut env, &mut hv, 2, wreq(1), &data).0,
+            XenError::EAGAIN.as_ret(),
+            "full"
+        );
+        assert_eq!(
+            cwrite(&mut env, &mut hv, 2, wreq(0), &data),
+            (0, 0),
+            "empty is fine"
+        );
+        assert_eq!(
+            hv.domains.get(2).unwrap().console.input_len(),
+            dc::CONSOLE_INPUT_BYTES
+        );
+    }
+
+    #[test]
+    fn hostile_console_writes_get_their_errno() {
+        let (mut env, mut hv) = system(Capabilities::DOMAIN_CONTROL);
+        for (what, dom, req, want) in [
+            ("unknown domain", 77, wreq(4), XenError::ESRCH),
+            ("the hypervisor", DOMID_XEN, wreq(4), XenError::ESRCH),
+            (
+                "len over the max",
+                2,
+                wreq(dc::CONSOLE_WRITE_MAX + 1),
+                XenError::EINVAL,
+            ),
+            ("len u32::MAX", 2, wreq(u32::MAX), XenError::EINVAL),
+            (
+                "pad",
+                2,
+                ConsoleWrite { pad: 1, ..wreq(4) },
+                XenError::EINVAL,
+            ),
+            (
+                "buffer unmapped",
+                2,
+                ConsoleWrite {
+                    buffer: 0x1000,
+                    ..wreq(4)
+                },
+                XenError::EFAULT,
+            ),
+            (
+                "buffer in the hypervisor",
+                2,
+                ConsoleWrite {
+                    buffer: 0xffff_8000_0000_0000,
+                    ..wreq(4)
+                },
+                XenError::EFAULT,
+            ),
+            (
+                "buffer wrapping",
+                2,
+                ConsoleWrite {
+                    buffer: u64::MAX - 1,
+                    ..wreq(4)
+                },
+                XenError::EFAULT,
+            ),
+        ] {
+            assert_eq!(
+                cwrite(&mut env, &mut hv, dom, req, b"abcd").0,
+                want.as_ret(),
+                "{what}"
+            );
+        }
+        assert_eq!(
+            hv.domains.get(2).unwrap().console.input_len(),
+            0,
+            "nothing taken"
+        );
+        // A dead domain.
+        hv.destroy_domain(&mut env.platform(), 2);
+        assert_eq!(
+            cwrite(&mut env, &mut hv, 2, wreq(4), b"abcd").0,
+            XenError::ESRCH.as_ret()
+        );
+        // Without domain control.
+        let (mut env, mut hv) = system(Capabilities::all() - Capabilities::DOMAIN_CONTROL);
+        for dom in [2, DOMID_SELF, 77] {
+            assert_eq!(
+                cwrite(&mut env, &mut hv, dom, wreq(4), b"abcd").0,
+                XenError::EPERM.as_ret()
+            );
+        }
+        assert_eq!(hv.domains.get(2).unwrap().console.input_len(), 0);
+    }
+
+    fn stats(env: &mut Env, hv: &mut Hypervisor, dom: DomId) -> (i64, DomainStats) {
+        let (r, out) = fake::domctl(env, hv, 1, 0, ARG, dc::DOMAIN_STATS, dom, &[]);
+        (r, DomainStats::decode(&out[16..]).unwrap())
+    }
+
+    #[test]
+    fn domain_stats_report_the_counters() {
+        let (mut env, mut hv) = system(Capabilities::DOMAIN_CONTROL);
+        guest_writes(&mut env, &mut hv, b"ignored: counted by console_io\n");
+        mem(&env, &hv, 1).copy_to_guest(BUF, b"hello\n").unwrap();
+        let r = hv
+            .hypercall(
+                &mut env.platform(),
+                0,
+                hc::CONSOLE_IO,
+                [console_io::WRITE, 6, BUF, 0, 0],
+            )
+            .ret;
+        assert_eq!(r, 0);
+        assert_eq!(cwrite(&mut env, &mut hv, 2, wreq(3), b"abc"), (3, 3));
+        hv.domains.get_mut(2).unwrap().io.evtchn_sends = 5;
+        let (r, s) = stats(&mut env, &mut hv, 2);
+        assert_eq!(r, 0);
+        assert_eq!(
+            (s.console_in_bytes, s.evtchn_sends, s.console_out_bytes),
+            (3, 5, 0)
+        );
+        let (r, s) = stats(&mut env, &mut hv, DOMID_SELF);
+        assert_eq!((r, s.console_out_bytes, s.console_in_bytes), (0, 6, 0));
+        assert_eq!(stats(&mut env, &mut hv, 77).0, XenError::ESRCH.as_ret());
+        let (mut env, mut hv) = system(Capabilities::all() - Capabilities::DOMAIN_CONTROL);
+        assert_eq!(stats(&mut env, &mut hv, 2).0, XenError::EPERM.as_ret());
     }
 
     fn max_mem(env: &mut Env, hv: &mut Hypervisor, dom: DomId, kib: u64) -> i64 {

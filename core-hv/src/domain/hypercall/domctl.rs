@@ -206,6 +206,8 @@ impl Call<'_, '_> {
             dc::CREATE_DOMAIN => self.create_domain(arg, &mut buf),
             dc::MGMT_IO => self.mgmt_io(arg, &mut buf),
             dc::CONSOLE_READ => self.console_read(arg, target, &mut buf),
+            dc::CONSOLE_WRITE => self.console_write(arg, target, &mut buf),
+            dc::DOMAIN_STATS => self.domain_stats(arg, target, &mut buf),
             dc::MAX_MEM => {
                 let token = policy::control(self.caller(), target)?;
                 let m = MaxMem::decode(&buf[16..]).ok_or(XenError::EFAULT)?;

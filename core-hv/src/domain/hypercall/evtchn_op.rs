@@ -153,6 +153,9 @@ impl Call<'_, '_> {
                     let pol = self.sharing_policy();
                     evtchn::send(&self.hv.domains, self.dom, s.port, &pol)?
                 };
+                if let Some(d) = self.hv.domains.get_mut(self.dom) {
+                    d.io.evtchn_sends = d.io.evtchn_sends.saturating_add(1);
+                }
                 if let Some(sent) = sent {
                     let k = self.hv.deliver(self.p, sent.dom, sent.delivery);
                     self.kick(k);

@@ -22,7 +22,7 @@
 use shared_abi::errno::XenError;
 use shared_abi::grant_table::{
     GntStatus, GnttabCopy, GnttabGetVersion, GnttabMapGrantRef, GnttabQuerySize, GnttabSetVersion,
-    GnttabSetupTable, GnttabUnmapGrantRef, gntmap, op,
+    GnttabSetupTable, GnttabUnmapGrantRef, gntcopy, gntmap, op,
 };
 use shared_abi::start_info::{GRANT_MAP_BASE, GRANT_MAP_END, GRANT_TABLE_FRAMES, GRANT_TABLE_VA};
 use shared_abi::{DomId, PAGE_SIZE};
@@ -168,6 +168,10 @@ impl Call<'_, '_> {
                         Ok(handle) => {
                             m.status = GntStatus::Okay.as_i16();
                             m.handle = handle;
+                            let granter = c.resolve(m.dom);
+                            if let Some(d) = c.hv.domains.get_mut(granter) {
+                                d.io.grant_maps = d.io.grant_maps.saturating_add(1);
+                            }
                         }
                         Err(st) => m.status = st.as_i16(),
                     }
@@ -198,6 +202,9 @@ impl Call<'_, '_> {
                         let mem = c.grant_mem();
                         gnttab::copy::copy(&c.hv.domains, c.dom, &cp, &mem, &pol)
                     };
+                    if st == GntStatus::Okay {
+                        c.count_copy(&cp);
+                    }
                     c.bytes_out(at + 36, &st.as_i16().to_le_bytes())
                 });
                 self.hv.free_orphans(self.p);
@@ -206,6 +213,23 @@ impl Call<'_, '_> {
             // dump_table, transfer, unmap_and_replace, get_status_frames (v2), swap_grant_ref,
             // cache_flush: not offered.
             _ => Err(XenError::ENOSYS),
+        }
+    }
+
+    /// Count one successful copy: the caller did it; its bytes went through the grants of
+    /// the domains named by the grant-ref sides (each granter counted once).
+    fn count_copy(&mut self, cp: &GnttabCopy) {
+        let len = u64::from(cp.len);
+        if let Some(d) = self.hv.domains.get_mut(self.dom) {
+            d.io.grant_copies_done = d.io.grant_copies_done.saturating_add(1);
+        }
+        let src = (cp.flags & gntcopy::SOURCE_GREF != 0).then(|| self.resolve(cp.source.domid));
+        let dst = (cp.flags & gntcopy::DEST_GREF != 0).then(|| self.resolve(cp.dest.domid));
+        let dst = dst.filter(|&d| Some(d) != src);
+        for granter in [src, dst].into_iter().flatten() {
+            if let Some(d) = self.hv.domains.get_mut(granter) {
+                d.io.grant_copy_bytes = d.io.grant_copy_bytes.saturating_add(len);
+            }
         }
     }
 

@@ -115,6 +115,7 @@ impl Call<'_, '_> {
                 let Some(d) = self.hv.domains.get_mut(self.dom) else {
                     return Err(XenError::ESRCH);
                 };
+                d.console.count_output(count);
                 let allowed = d.console.allowance(self.now);
                 let take = count.min(allowed);
                 if take < count {
@@ -136,7 +137,22 @@ impl Call<'_, '_> {
                 }
                 Ok(0)
             }
-            console_io::READ => policy::console_read(self.caller()).map(|_| 0),
+            console_io::READ => {
+                // The caller's own console input (given by the toolstack, `domctl
+                // CONSOLE_WRITE`): up to `count` bytes, the number read; never waits.
+                policy::console_read(self.caller())?;
+                let mut tmp = [0u8; super::console::CONSOLE_INPUT_BYTES];
+                let want = usize::try_from(count).unwrap_or(usize::MAX).min(tmp.len());
+                let d = self.hv.domains.get(self.dom).ok_or(XenError::ESRCH)?;
+                let n = d.console.peek_input(&mut tmp[..want]);
+                if n > 0 {
+                    self.mem()?.copy_to_guest(buf, &tmp[..n])?;
+                    if let Some(d) = self.hv.domains.get_mut(self.dom) {
+                        d.console.consume_input(n);
+                    }
+                }
+                Ok(n as i64)
+            }
             _ => Err(XenError::ENOSYS),
         }
     }

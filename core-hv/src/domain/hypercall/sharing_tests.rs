@@ -234,6 +234,8 @@ fn interdomain_send_sets_pending_and_wakes_the_blocked_peer() {
     assert_eq!(t.send(1, pa), 0);
     assert!(t.pending(2, pb));
     assert!(!t.hv.sched.is_blocked(vb), "the event woke B");
+    assert_eq!(t.hv.domains.get(1).unwrap().io.evtchn_sends, 1, "counted");
+    assert_eq!(t.hv.domains.get(2).unwrap().io.evtchn_sends, 0);
     assert_eq!(t.env.frame_bytes(si, 0, 1), [1], "upcall pending set");
     // Status from both sides.
     let st = EvtchnStatus {
@@ -503,6 +505,11 @@ fn readonly_map_is_a_readonly_pte_and_keeps_the_grant_busy_until_unmapped() {
     assert_eq!(t.get(2, GRANT_MAP_BASE, 12), b"granted data");
     assert_ne!(t.flags(1, 8) & gtf::READING, 0, "busy while mapped");
     assert_eq!(
+        t.hv.domains.get(1).unwrap().io.grant_maps,
+        1,
+        "only the mapping that succeeded counts, against the granter"
+    );
+    assert_eq!(
         t.map(2, 1, 8, GRANT_MAP_BASE, true).0,
         GntStatus::BadVirtAddr.as_i16()
     );
@@ -661,5 +668,13 @@ fn copy_moves_bytes_both_ways_and_checks_every_element() {
         t.flags(1, 8) & (gtf::READING | gtf::WRITING),
         0,
         "copy leaves no pin"
+    );
+    // I/O counters: the two good copies went through A's grant (26 bytes), done by C.
+    let io = |t: &T, d: DomId| t.hv.domains.get(d).unwrap().io;
+    assert_eq!(io(&t, 1).grant_copy_bytes, 26);
+    assert_eq!(io(&t, 3).grant_copies_done, 2);
+    assert_eq!(
+        (io(&t, 3).grant_copy_bytes, io(&t, 1).grant_copies_done),
+        (0, 0)
     );
 }

@@ -16,6 +16,12 @@
 //!
 //! Serving needs the line: `MGMT_IO` answering `ENODEV` means the machine has none (the
 //! `mgmt` command-line word only makes ctl say so).
+//!
+//! Requests are answered one at a time, so a detach holds the line while the guest is given
+//! time to release the device (its `timeout_ms`, at most 300 s; `ctl_dom::devices`). The
+//! platform's sleep between polls consumes whatever event ports fire, `VIRQ_DOM_EXC`
+//! included; nothing is lost: once the answer is out, the run-time domains are looked at
+//! again by listing them (`Mgmt::deaths`) and the main loop lists the boot domains.
 
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;

@@ -17,14 +17,22 @@
 //! - `set_memory`: `XEN_DOMCTL_max_mem` (xl's `mem-set` with its default `enforce`: the
 //!   limit follows the target). As in Xen, below what the domain holds nothing is taken
 //!   away; it only gets no new page until it gives some back.
+//! - `set_max_memory`: `XEN_DOMCTL_max_mem` too: after `create` built the domain with
+//!   `memory`, its limit becomes the config's `maxmem` (what `list` shows as max).
+//! - `xs_write_plan`: [`write_plan`], one transaction (the writer boot devices use too).
+//! - `sleep_ms`: blocks on a timer; the event ports that fire meanwhile are consumed (the
+//!   management loop lists the domains after every request, so a `VIRQ_DOM_EXC` taken here
+//!   is not lost).
 
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use ctl_dom::xenstore_layout::XsPlan;
 use ctl_dom::{Chunk, HvDomain, Platform};
 use dom_rt::domctl::{self, NewDomain};
-use dom_rt::xenbus::{DomainBus, Tx};
-use dom_rt::{XenError, hypercall, println};
+use dom_rt::event::Waiter;
+use dom_rt::xenbus::{DomainBus, TRANSACTION_TRIES, Tx};
+use dom_rt::{XenError, hypercall, println, time};
 use shared_abi::DomId;
 use shared_abi::capability::Capabilities;
 use shared_abi::domain_config::{DomainConfig, LifecycleAction};
@@ -33,6 +41,9 @@ use shared_abi::hypercall_args::domctl::{
     self as dc, DOMINF_BLOCKED, DOMINF_PAUSED, DomainInfo, state as st,
 };
 use shared_abi::mgmt::RunState;
+
+/// How long `xs_introduce` waits for the xenstore domain to serve a new domain.
+const INTRODUCE_WAIT_NS: u64 = 5_000_000_000;
 
 /// KiB per page.
 const PAGE_KIB: u64 = 4;
@@ -86,6 +97,51 @@ fn history(domid: DomId, from: u64, max: usize) -> Result<Chunk, XenError> {
     let c = domctl::console_read(domid, from, &mut buf)?;
     buf.truncate(c.len);
     Ok((c.next, c.lost, buf))
+}
+
+/// Write `plan` in one transaction: a frontend or backend sees all of it or none. Each
+/// directory is made and given its permissions before the nodes below it are written, so
+/// they inherit them. With `reperm_first`, every node already below the first directory
+/// (up to 3 levels) gets its permissions too: a re-pointed device's frontend nodes (its
+/// state, ring keys…) keep the ones they were created with otherwise, which the new
+/// backend may not read.
+pub fn write_plan(xb: &mut DomainBus, plan: &XsPlan, reperm_first: bool) -> Result<(), XenError> {
+    xb.transaction(TRANSACTION_TRIES, |xb, tx| {
+        for (dir, perms) in &plan.dirs {
+            let perms: Vec<&str> = perms.iter().map(String::as_str).collect();
+            xb.mkdir(tx, dir)?;
+            xb.set_perms(tx, dir, &perms)?;
+        }
+        for (k, v) in &plan.entries {
+            xb.write(tx, k, v.as_bytes())?;
+        }
+        match plan.dirs.first() {
+            Some((dir, perms)) if reperm_first => {
+                let perms: Vec<&str> = perms.iter().map(String::as_str).collect();
+                set_perms_below(xb, tx, dir, &perms, 3)
+            }
+            _ => Ok(()),
+        }
+    })
+}
+
+/// `set_perms` on every node below `dir`, `depth` levels down.
+fn set_perms_below(
+    xb: &mut DomainBus,
+    tx: Tx,
+    dir: &str,
+    perms: &[&str],
+    depth: u32,
+) -> Result<(), XenError> {
+    if depth == 0 {
+        return Ok(());
+    }
+    for child in xb.directory(tx, dir)? {
+        let p = alloc::format!("{dir}/{child}");
+        xb.set_perms(tx, &p, perms)?;
+        set_perms_below(xb, tx, &p, perms, depth - 1)?;
+    }
+    Ok(())
 }
 
 impl Hv {
@@ -148,6 +204,32 @@ impl Platform for Hv {
         domctl::set_max_mem(domid, kib)
     }
 
+    fn set_max_memory(&mut self, domid: DomId, kib: u64) -> Result<(), XenError> {
+        domctl::set_max_mem(domid, kib)
+    }
+
+    fn xs_write_plan(&mut self, plan: &XsPlan) -> Result<(), XenError> {
+        write_plan(self.xs()?, plan, false)
+    }
+
+    fn xs_read(&mut self, path: &str) -> Result<String, XenError> {
+        self.xs()?.read_string(Tx::NONE, path)
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        time::now_ns() / 1_000_000
+    }
+
+    fn log(&mut self, line: &str) {
+        println!("ctl: {line}");
+    }
+
+    fn sleep_ms(&mut self, ms: u64) {
+        let deadline = time::now_ns().saturating_add(ms.saturating_mul(1_000_000));
+        // No port is waited for (u32::MAX is none): the timer ends it.
+        let _ = Waiter::new().wait_until(u32::MAX, deadline);
+    }
+
     fn console_read(&mut self, domid: DomId, from: u64, max: usize) -> Result<Chunk, XenError> {
         history(domid, from, max)
     }
@@ -156,10 +238,39 @@ impl Platform for Hv {
         history(DOMID_XEN, from, max)
     }
 
-    fn xs_introduce(&mut self, _domid: DomId) -> Result<(), XenError> {
+    fn console_write(&mut self, domid: DomId, data: &[u8]) -> Result<usize, XenError> {
+        domctl::console_write(domid, data)
+    }
+
+    fn domain_stats(&mut self, domid: DomId) -> Result<shared_abi::mgmt::DomainIoStats, XenError> {
+        let s = domctl::domain_stats(domid)?;
+        Ok(shared_abi::mgmt::DomainIoStats {
+            domid,
+            evtchn_sends: s.evtchn_sends,
+            grant_copy_bytes: s.grant_copy_bytes,
+            grant_copies_done: s.grant_copies_done,
+            grant_maps: s.grant_maps,
+            console_out_bytes: s.console_out_bytes,
+            console_in_bytes: s.console_in_bytes,
+        })
+    }
+
+    fn xs_introduce(&mut self, domid: DomId) -> Result<(), XenError> {
         // The xenstore domain finds it by listing domains on VIRQ_DOM_EXC (CREATE_DOMAIN
-        // raised it); it must only be reachable.
-        self.xs().map(|_| ())
+        // raised it) and then gives it a home of its own (as for a boot domain). Wait until
+        // it has (IS_DOMAIN_INTRODUCED), so that the home written next, with libxl's
+        // permissions, is the one that stays: `introduce` done means done, as in Xen.
+        let deadline = time::now_ns().saturating_add(INTRODUCE_WAIT_NS);
+        loop {
+            if self.xs()?.is_domain_introduced(domid)? {
+                return Ok(());
+            }
+            if time::now_ns() >= deadline {
+                println!("ctl: xenstore did not introduce domain {domid} within 5 s");
+                return Err(XenError::ETIMEDOUT);
+            }
+            let _ = hypercall::sched_yield();
+        }
     }
 
     fn xs_release(&mut self, _domid: DomId) -> Result<(), XenError> {

@@ -11,7 +11,8 @@
 //! - `blk_close`: Closing/Closed with the backend.
 //!
 //! `role=restart` replaces the pattern and benchmarks with the restart-without-loss
-//! scenario (`restart.rs`).
+//! scenario (`restart.rs`); `role=hotplug` starts without a disk and takes the disks
+//! attached and detached while it runs (`hotplug.rs`).
 //!
 //! The device is the first under `device/vbd` (written by the toolstack), or, with
 //! `backend=<domid>` on the command line, device 51712 whose frontend directory this guest
@@ -30,6 +31,9 @@ mod restart;
 
 #[cfg(target_os = "none")]
 mod hostile;
+
+#[cfg(target_os = "none")]
+mod hotplug;
 
 #[cfg(target_os = "none")]
 mod guest {
@@ -269,6 +273,10 @@ mod guest {
         let me = si.domid;
         if dom_rt::cmdline_param(cmdline, "role") == Some("killer") {
             crate::restart::killer(&mut xb, cmdline);
+            return;
+        }
+        if dom_rt::cmdline_param(cmdline, "role") == Some("hotplug") {
+            crate::hotplug::run(si, &mut xb, cmdline);
             return;
         }
         let dir =

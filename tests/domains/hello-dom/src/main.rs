@@ -1,6 +1,8 @@
 //! hello-dom: the smallest real Bulkhead domain. It logs through `console_io`, reports what
 //! its start info says, asks the hypervisor its version and time, sleeps briefly, uses the
-//! heap, and exits with `shutdown(poweroff)` by returning from `main`.
+//! heap, and exits with `shutdown(poweroff)` by returning from `main`. With `stay_ms=<n>` on
+//! its command line it stays (blocked) that long before powering off: a live guest for the
+//! toolstack's create benchmarks.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
@@ -31,8 +33,12 @@ fn hello(si: &'static dom_rt::StartInfo) {
         "heap works: sum of squares below 1000 = {}",
         squares.iter().sum::<u64>()
     );
+    let stay_ms = dom_rt::cmdline_param(si.cmdline(), "stay_ms")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(1)
+        .min(24 * 3600 * 1000);
     let t0 = dom_rt::time::now_ns();
-    if let Err(e) = dom_rt::time::sleep(1_000_000) {
+    if let Err(e) = dom_rt::time::sleep(stay_ms * 1_000_000) {
         log::warn!("sleep failed: {e}");
     }
     log::info!(

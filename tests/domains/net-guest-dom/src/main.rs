@@ -21,6 +21,8 @@
 //!   sent); see `spoof.rs`.
 //! - `hostile`: malformed tx requests straight on the ring (`hostile.rs`).
 //! - `killer`: crashes a domain once another wrote a node (the restart scenario).
+//! - `hotplug`: starts without a vif and takes the vifs attached and detached while it
+//!   runs, pinging `peer` over each (`hotplug.rs`).
 //!
 //! Common words: `queues=<n>` asks netback for n queues (1..=16, default 1; the backend's
 //! `multi-queue-max-queues` may grant fewer; `RESULT net_connect` says how many). The
@@ -43,6 +45,8 @@ extern crate alloc;
 mod front;
 #[cfg(target_os = "none")]
 mod hostile;
+#[cfg(target_os = "none")]
+mod hotplug;
 #[cfg(target_os = "none")]
 mod roles;
 #[cfg(target_os = "none")]
@@ -148,6 +152,7 @@ mod guest {
         match role {
             "hostile" => return crate::hostile::main(si, &mut xb),
             "killer" => return crate::roles::killer(&mut xb, cmdline),
+            "hotplug" => return crate::hotplug::run(si, &mut xb, cmdline),
             _ => {}
         }
         let dir = match vif_dir(&mut xb, si.domid, cmdline) {

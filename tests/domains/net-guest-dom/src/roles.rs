@@ -172,7 +172,7 @@ fn http<N: Nic>(si: &StartInfo, net: &mut Net<'_, N>, ip: [u8; 4], cmdline: &str
 }
 
 /// Ping `peer` `n` times: replies and the mean round trip (µs).
-fn ping<N: Nic>(net: &mut Net<'_, N>, peer: Ipv4Address, n: u16) -> (u16, u64) {
+pub(crate) fn ping<N: Nic>(net: &mut Net<'_, N>, peer: Ipv4Address, n: u16) -> (u16, u64) {
     let h = net.sockets.add(icmp::Socket::new(
         icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 8], vec![0; 1024]),
         icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 8], vec![0; 1024]),

@@ -15,11 +15,15 @@
 //! - `pci expect=owner|refused`: config-space access to assigned PCI functions (see `pci.rs`).
 //! - `killer`, `rebuild`: the lifecycle scenarios' killer and rebuild-op checks (see
 //!   `lifecycle.rs`).
+//! - `echo`: prints `echo: <line>` for each line of console input until `quit`, then powers
+//!   off (the `hvctl console` input scenario; see `echo.rs`).
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
 dom_rt::entry!(main);
 
+#[cfg(target_os = "none")]
+mod echo;
 #[cfg(target_os = "none")]
 mod lifecycle;
 #[cfg(target_os = "none")]
@@ -368,6 +372,7 @@ fn main(si: &'static dom_rt::StartInfo) {
         "pci" => pci::run(si),
         "killer" => lifecycle::killer(si),
         "rebuild" => lifecycle::rebuild(si),
+        "echo" => echo::run(si),
         other => dom_rt::println!("RESULT {} fail unknown role {other}", si.name()),
     }
 }
