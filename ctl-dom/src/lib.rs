@@ -391,6 +391,15 @@ impl<P: Platform> Toolstack<P> {
             } => self.detach(&dom, devices::Which::Disk(vdev), timeout_ms, force),
             RequestBody::ConsoleWrite { dom, data } => self.console_write(&dom, &data),
             RequestBody::DomainStats => self.domain_stats(),
+            RequestBody::CreateDeflated {
+                config,
+                kernel_deflated,
+                kernel_len,
+            } => {
+                let kernel = inflate_kernel(&kernel_deflated, kernel_len)?;
+                let domid = self.create(config, kernel, 0)?;
+                Ok(Reply::Created { domid })
+            }
             RequestBody::NetworkAttach { dom, vif } => self.attach_vif(&dom, vif),
             RequestBody::NetworkDetach {
                 dom,
@@ -639,6 +648,32 @@ impl<P: Platform> Toolstack<P> {
             }
         }
     }
+}
+
+/// The kernel of a [`RequestBody::CreateDeflated`]: inflated with a limit of the declared
+/// length (never more than a frame could carry), which it must match exactly.
+fn inflate_kernel(deflated: &[u8], declared: u32) -> Result<Vec<u8>, MgmtError> {
+    let declared = declared as usize;
+    if declared == 0 || declared > shared_abi::mgmt::MAX_PAYLOAD {
+        return Err(MgmtError::BadRequest(format!(
+            "kernel_len {declared}: allowed 1..={}",
+            shared_abi::mgmt::MAX_PAYLOAD
+        )));
+    }
+    let kernel =
+        miniz_oxide::inflate::decompress_to_vec_with_limit(deflated, declared).map_err(|e| {
+            MgmtError::BadRequest(format!(
+                "kernel: not raw DEFLATE data inflating to at most {declared} bytes ({:?})",
+                e.status
+            ))
+        })?;
+    if kernel.len() != declared {
+        return Err(MgmtError::BadRequest(format!(
+            "kernel: inflated to {} bytes, kernel_len says {declared}",
+            kernel.len()
+        )));
+    }
+    Ok(kernel)
 }
 
 /// Write one device's plan (its directories with their permissions, its nodes in state

@@ -356,3 +356,55 @@ fn server_answers_each_request_with_its_id_and_bad_frames_with_id_zero() {
         Err(MgmtError::VersionMismatch { got: 9, .. })
     ));
 }
+
+/// `CreateDeflated`: the kernel inflated to exactly its declared length reaches the builder;
+/// anything else is a bad request and builds nothing.
+#[test]
+fn a_deflated_kernel_is_inflated_and_checked_before_the_build() {
+    let kernel: Vec<u8> = b"\x7fELF"
+        .iter()
+        .copied()
+        .chain((0..5000u32).map(|i| (i % 7) as u8))
+        .collect();
+    let deflated = miniz_oxide::deflate::compress_to_vec(&kernel, 6);
+    assert!(deflated.len() < kernel.len());
+    let len = kernel.len() as u32;
+    let mut t = ts();
+    let r = t.handle(RequestBody::CreateDeflated {
+        config: DomainConfig::new("packed", 16384),
+        kernel_deflated: deflated.clone(),
+        kernel_len: len,
+    });
+    let Ok(Reply::Created { domid }) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(
+        t.managed.get(&domid).map(|m| m.kernel.clone()),
+        Some(kernel)
+    );
+
+    let mut corrupt = deflated.clone();
+    corrupt.truncate(deflated.len() / 2);
+    let mut garbage = deflated.clone();
+    garbage[0] ^= 0xff;
+    for (data, kernel_len) in [
+        (corrupt, len),
+        (garbage, len),
+        (deflated.clone(), len - 1),
+        (deflated.clone(), len + 1),
+        (deflated.clone(), 0),
+        (deflated, (mgmt::MAX_PAYLOAD + 1) as u32),
+    ] {
+        let before = t.platform.domains.len();
+        let r = t.handle(RequestBody::CreateDeflated {
+            config: DomainConfig::new("bad", 16384),
+            kernel_deflated: data,
+            kernel_len,
+        });
+        assert!(
+            matches!(r, Err(MgmtError::BadRequest(_))),
+            "{kernel_len}: {r:?}"
+        );
+        assert_eq!(t.platform.domains.len(), before, "nothing built");
+    }
+}

@@ -267,3 +267,47 @@ fn list_shows_the_memory_limit_a_domain_was_given() {
         (Some(16384), Some(65536))
     );
 }
+
+/// `create_request` compresses a kernel that shrinks (the engine inflates the same bytes
+/// back) and sends one that does not as it is.
+#[test]
+fn kernels_travel_deflated_when_that_is_smaller() {
+    let sys = Sys::new();
+    let kernel: Vec<u8> = b"\x7fELF"
+        .iter()
+        .copied()
+        .chain((0..20_000u32).map(|i| (i % 13) as u8))
+        .collect();
+    let body = hvctl::create_request(DomainConfig::new("packed", 16384), kernel.clone());
+    let RequestBody::CreateDeflated {
+        kernel_deflated, ..
+    } = &body
+    else {
+        panic!("not deflated: {body:?}")
+    };
+    assert!(kernel_deflated.len() < kernel.len() / 4);
+    let Reply::Created { domid } = sys.handle(body) else {
+        panic!("create failed")
+    };
+    assert!(
+        sys.0
+            .lock()
+            .unwrap()
+            .toolstack
+            .managed_ids()
+            .contains(&domid)
+    );
+
+    // Incompressible (a xorshift stream): sent raw.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let body = hvctl::create_request(DomainConfig::new("noise", 16384), noise);
+    assert!(matches!(body, RequestBody::Create { .. }), "{body:?}");
+}

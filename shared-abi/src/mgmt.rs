@@ -164,6 +164,15 @@ pub enum RequestBody {
     },
     /// Every domain's I/O counters; answered with [`Reply::Stats`].
     DomainStats,
+    /// [`RequestBody::Create`] with the kernel compressed as raw DEFLATE (RFC 1951): the
+    /// management line is slow and code halves. `kernel_len` is the inflated length (at most
+    /// [`MAX_PAYLOAD`]); a kernel that does not inflate to exactly that many bytes is
+    /// refused as a bad request.
+    CreateDeflated {
+        config: DomainConfig,
+        kernel_deflated: Vec<u8>,
+        kernel_len: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,13 +21,13 @@
 //!   comparison (does time per guest grow with the number of domains?).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bulkhead_build::workspace::Workspace;
-use tests::toolstack::{Lines, bare_metal_elves, config, created, hvctl, record, wait_line_after};
-use tests::{Scenario, scenario_dir};
+use tests::Scenario;
+use tests::toolstack::{
+    Lines, bare_metal_elves, config, created, hvctl, on_toolstack_system, wait_line_after,
+};
 
 const METRICS: &[&str] = &[
     "domain_create_ms",
@@ -175,51 +175,22 @@ fn main() {
         println!("toolstack bench: no metric matches {f:?}; skipped");
         return;
     }
-    let ws = Workspace::locate();
-    let toml = std::fs::read_to_string(ws.root.join("systems/toolstack.toml"))
-        .expect("reading systems/toolstack.toml");
-    let img = tests::system_image("toolstack-bench", "toolstack", &toml);
     let [kernel]: [PathBuf; 1] = bare_metal_elves(&["hello-dom"])
         .try_into()
         .expect("one guest");
-    let dir = scenario_dir().join("toolstack-bench-run");
-    std::fs::create_dir_all(&dir).expect("scenario dir");
-    let sock = dir.join("hvctl.sock");
-    let _ = std::fs::remove_file(&sock);
-    let qemu: Vec<String> = bulkhead_build::qemu::mgmt_socket_args(&sock);
-    let qemu: Vec<&str> = qemu.iter().map(String::as_str).collect();
-    let lines: Lines = Arc::new(Mutex::new(Vec::new()));
-    type Figures = Result<Vec<(&'static str, f64)>, String>;
-    let mut driver: Option<thread::JoinHandle<Figures>> = None;
-    let b = Scenario::new("toolstack-bench")
-        .smp(2)
-        .memory_mib(1024)
-        .exit_when_done()
-        .image(img)
-        .qemu_args(&qemu)
-        .timeout(Duration::from_secs(600))
-        .boot_watching(|line| {
-            record(&lines, line);
-            if driver.is_none() && line.contains("ctl: serving hvctl") {
-                let (sock, dir, kernel, lines) =
-                    (sock.clone(), dir.clone(), kernel.clone(), lines.clone());
-                driver = Some(thread::spawn(move || {
-                    let r = measure(&sock, &dir, &kernel, &lines);
-                    for n in ["peer", "netback", "blkback", "keeper"] {
-                        let _ = hvctl(&sock, &["shutdown", n]);
-                    }
-                    r
-                }));
-            }
-        });
-    let Some(driver) = driver else {
-        b.fail("ctl never said it serves hvctl");
-    };
-    let figures = match driver.join() {
-        Ok(Ok(f)) => f,
-        Ok(Err(e)) => b.fail(&format!("toolstack bench: {e}")),
-        Err(_) => b.fail("the driver thread panicked"),
-    };
+    let (b, r) = on_toolstack_system(
+        "toolstack-bench",
+        Scenario::new("toolstack-bench")
+            .smp(2)
+            .memory_mib(1024)
+            .timeout(Duration::from_secs(600)),
+        (0..ROUNDS)
+            .flat_map(|i| [format!("plain-{i}"), format!("devs-{i}")])
+            .chain((0..IN_A_ROW).map(|i| format!("row-{i}")))
+            .collect(),
+        move |sock, dir, lines| measure(sock, dir, &kernel, lines),
+    );
+    let figures = r.unwrap_or_else(|e| b.fail(&format!("toolstack bench: {e}")));
     for (name, v) in figures {
         println!("METRIC {name} {v:.1} ms");
     }

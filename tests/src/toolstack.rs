@@ -43,6 +43,16 @@ impl Ran {
 
 /// Run `hvctl --socket <sock> --timeout 30 <args>`.
 pub fn hvctl(sock: &Path, args: &[&str]) -> Ran {
+    hvctl_with(sock, args, None)
+}
+
+/// [`hvctl`] with `input` as the console's input (`hvctl console`: forwarded, then a
+/// detach at its end).
+pub fn hvctl_in(sock: &Path, args: &[&str], input: &'static [u8]) -> Ran {
+    hvctl_with(sock, args, Some(input))
+}
+
+fn hvctl_with(sock: &Path, args: &[&str], input: Option<&'static [u8]>) -> Ran {
     let mut argv = vec![
         "hvctl",
         "--socket",
@@ -62,7 +72,17 @@ pub fn hvctl(sock: &Path, args: &[&str]) -> Ran {
         }
     };
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let status = hvctl::run(cli, &mut hvctl::connect_socket, &mut out, &mut err);
+    let connect = &mut hvctl::connect_socket;
+    let status = match input {
+        Some(i) => hvctl::run_with_input(
+            cli,
+            connect,
+            hvctl::console::Input::Reader(Box::new(i)),
+            &mut out,
+            &mut err,
+        ),
+        None => hvctl::run(cli, connect, &mut out, &mut err),
+    };
     Ran {
         status,
         out: String::from_utf8_lossy(&out).into_owned(),
@@ -147,4 +167,67 @@ pub fn bare_metal_elves(crates: &[&str]) -> Vec<PathBuf> {
         .iter()
         .map(|c| ws.bare_metal_release_dir().join(c))
         .collect()
+}
+
+/// The boot domains of `systems/toolstack.toml` besides xenstore and ctl, in the order they
+/// are shut down at the end (the guest first, the backends, the keeper last: ctl powers off
+/// once no other domain is left).
+pub const TOOLSTACK_BOOT_DOMAINS: &[&str] = &["peer", "netback", "blkback", "keeper"];
+
+/// Boot `systems/toolstack.toml` with the management line on a socket; once ctl serves,
+/// run `drive(socket, scratch dir, console lines)` on a thread. Whatever it gives, the system
+/// is then ended: the run-time domains named in `leftovers` destroyed, the boot domains shut
+/// down. Returns the finished boot and the driver's result (`Err`: the step that failed).
+pub fn on_toolstack_system<T: Send + 'static>(
+    tag: &str,
+    qemu: crate::Scenario,
+    leftovers: Vec<String>,
+    drive: impl FnOnce(&Path, &Path, &Lines) -> Result<T, String> + Send + 'static,
+) -> (crate::Boot, Result<T, String>) {
+    let ws = Workspace::locate();
+    let toml = std::fs::read_to_string(ws.root.join("systems/toolstack.toml"))
+        .expect("reading systems/toolstack.toml");
+    let img = crate::system_image(tag, "toolstack", &toml);
+    let dir = crate::scenario_dir().join(format!("{tag}-run"));
+    std::fs::create_dir_all(&dir).expect("scenario dir");
+    let sock = dir.join("hvctl.sock");
+    let _ = std::fs::remove_file(&sock);
+    let args: Vec<String> = bulkhead_build::qemu::mgmt_socket_args(&sock);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let lines: Lines = Arc::new(Mutex::new(Vec::new()));
+    let mut drive = Some((drive, leftovers));
+    let mut driver: Option<thread::JoinHandle<Result<T, String>>> = None;
+    let b = qemu
+        .exit_when_done()
+        .image(img)
+        .qemu_args(&args)
+        .boot_watching(|line| {
+            record(&lines, line);
+            if line.contains("ctl: serving hvctl")
+                && let Some((drive, leftovers)) = drive.take()
+            {
+                let (sock, dir, lines) = (sock.clone(), dir.clone(), lines.clone());
+                driver = Some(thread::spawn(move || {
+                    let r = drive(&sock, &dir, &lines);
+                    for n in &leftovers {
+                        let _ = hvctl(&sock, &["destroy", n]);
+                    }
+                    let mut end = Ok(());
+                    for n in TOOLSTACK_BOOT_DOMAINS {
+                        let s = hvctl(&sock, &["shutdown", n]);
+                        if s.status != 0 && end.is_ok() {
+                            end = Err(format!("shutdown {n}: status {}: {}", s.status, s.err));
+                        }
+                    }
+                    r.and_then(|v| end.map(|()| v))
+                }));
+            }
+        });
+    let r = match driver {
+        None => Err("ctl never said it serves hvctl".to_string()),
+        Some(d) => d
+            .join()
+            .unwrap_or_else(|_| Err("the driver thread panicked".to_string())),
+    };
+    (b, r)
 }

@@ -9,50 +9,11 @@
 //! power off).
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::Duration;
 
 use bulkhead_build::outcome::Outcome;
-use bulkhead_build::workspace::Workspace;
-use clap::Parser;
-use tests::toolstack::{Lines, Ran, config, created, hvctl, record, wait_line};
-use tests::{Scenario, scenario_dir};
-
-/// `hvctl --socket <sock> --timeout 30 <args>` with console input from `input`.
-fn hvctl_in(sock: &Path, args: &[&str], input: &'static [u8]) -> Ran {
-    let mut argv = vec![
-        "hvctl",
-        "--socket",
-        sock.to_str().unwrap_or("?"),
-        "--timeout",
-        "30",
-    ];
-    argv.extend_from_slice(args);
-    let cli = match hvctl::Cli::try_parse_from(&argv) {
-        Ok(c) => c,
-        Err(e) => {
-            return Ran {
-                status: -1,
-                out: String::new(),
-                err: e.to_string(),
-            };
-        }
-    };
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let status = hvctl::run_with_input(
-        cli,
-        &mut hvctl::connect_socket,
-        hvctl::console::Input::Reader(Box::new(input)),
-        &mut out,
-        &mut err,
-    );
-    Ran {
-        status,
-        out: String::from_utf8_lossy(&out).into_owned(),
-        err: String::from_utf8_lossy(&err).into_owned(),
-    }
-}
+use tests::Scenario;
+use tests::toolstack::{Lines, config, created, hvctl, hvctl_in, on_toolstack_system, wait_line};
 
 fn check(ok: bool, what: impl FnOnce() -> String) -> Result<(), String> {
     if ok { Ok(()) } else { Err(what()) }
@@ -146,62 +107,21 @@ fn drive_steps(sock: &Path, cfgs: &Path, pv: &Path, lines: &Lines) -> Result<(),
     Ok(())
 }
 
-/// The whole conversation; `Err` says which step failed. Always ends the system.
-fn drive(sock: &Path, cfgs: &Path, pv: &Path, lines: &Lines) -> Result<(), String> {
-    let r = drive_steps(sock, cfgs, pv, lines);
-    let _ = hvctl(sock, &["destroy", "echo"]);
-    for n in ["peer", "netback", "blkback"] {
-        let _ = hvctl(sock, &["shutdown", n]);
-    }
-    let end = hvctl(sock, &["shutdown", "keeper"]);
-    match r {
-        Ok(()) if end.status == 0 => Ok(()),
-        Ok(()) => Err(format!(
-            "shutdown keeper: status {}: {}",
-            end.status, end.err
-        )),
-        Err(e) => Err(e),
-    }
-}
-
 #[test]
 fn console_input_and_top_against_the_running_system() {
-    let ws = Workspace::locate();
-    let toml = std::fs::read_to_string(ws.root.join("systems/toolstack.toml"))
-        .expect("reading systems/toolstack.toml");
-    let img = tests::system_image("toolstack", "toolstack", &toml);
     let pv = tests::toolstack::bare_metal_elves(&["pv-test-dom"])
         .pop()
         .expect("pv-test-dom");
-    let dir = scenario_dir().join("console-top-run");
-    std::fs::create_dir_all(&dir).expect("scenario dir");
-    let sock = dir.join("hvctl.sock");
-    let _ = std::fs::remove_file(&sock);
-    let qemu: Vec<String> = bulkhead_build::qemu::mgmt_socket_args(&sock);
-    let qemu: Vec<&str> = qemu.iter().map(String::as_str).collect();
-
-    let lines: Lines = Arc::new(Mutex::new(Vec::new()));
-    let mut driver: Option<thread::JoinHandle<Result<(), String>>> = None;
-    let b = Scenario::new("console-top")
-        .memory_mib(512)
-        .exit_when_done()
-        .image(img)
-        .qemu_args(&qemu)
-        .timeout(Duration::from_secs(180))
-        .boot_watching(|line| {
-            record(&lines, line);
-            if driver.is_none() && line.contains("ctl: serving hvctl") {
-                let (sock, dir, pv, lines) = (sock.clone(), dir.clone(), pv.clone(), lines.clone());
-                driver = Some(thread::spawn(move || drive(&sock, &dir, &pv, &lines)));
-            }
-        });
-    let Some(driver) = driver else {
-        b.fail("ctl never said it serves hvctl");
-    };
-    match driver.join() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => b.fail(&format!("console/top scenario: {e}")),
-        Err(_) => b.fail("the driver thread panicked"),
+    let (b, r) = on_toolstack_system(
+        "console-top",
+        Scenario::new("console-top")
+            .memory_mib(512)
+            .timeout(Duration::from_secs(180)),
+        vec!["echo".to_string()],
+        move |sock, dir, lines| drive_steps(sock, dir, &pv, lines),
+    );
+    if let Err(e) = r {
+        b.fail(&format!("console/top scenario: {e}"));
     }
     b.expect_outcome(Outcome::CleanPoweroff);
 }

@@ -15,14 +15,11 @@
 //! power the machine off.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use bulkhead_build::outcome::Outcome;
-use bulkhead_build::workspace::Workspace;
-use tests::toolstack::{Lines, created, hvctl, names, record, wait_line};
-use tests::{Scenario, scenario_dir};
+use tests::Scenario;
+use tests::toolstack::{Lines, created, hvctl, names, on_toolstack_system, wait_line};
 
 #[path = "toolstack/hotplug.rs"]
 mod hotplug;
@@ -91,37 +88,23 @@ struct Figures {
     kernel_sent_bytes: usize,
 }
 
-/// The whole conversation; `Err` says which step failed. Always ends the system.
+/// The run-time domains the conversation may leave behind.
+const LEFTOVERS: &[&str] = &[
+    "hello-rt",
+    "sleeper",
+    "crasher",
+    "victim",
+    "killer",
+    "hello-keep",
+    "hotdisk",
+    "stubborn",
+    "hotnet",
+];
+
+/// The whole conversation; `Err` says which step failed.
 fn drive(sock: &Path, cfgs: &Path, guests: &Guests, lines: &Lines) -> Result<Figures, String> {
-    let r = drive_steps(sock, cfgs, &guests.hello, &guests.pv, lines)
-        .and_then(|f| hotplug::drive(sock, cfgs, guests, lines).map(|()| f));
-    // End the boot whatever happened: the keeper's death lets ctl power off.
-    for n in [
-        "hello-rt",
-        "sleeper",
-        "crasher",
-        "victim",
-        "killer",
-        "hello-keep",
-        "hotdisk",
-        "stubborn",
-        "hotnet",
-    ] {
-        let _ = hvctl(sock, &["destroy", n]);
-    }
-    // The boot domains: the backends and the peer would serve forever.
-    for n in ["peer", "netback", "blkback"] {
-        let _ = hvctl(sock, &["shutdown", n]);
-    }
-    let end = hvctl(sock, &["shutdown", "keeper"]);
-    match r {
-        Ok(f) if end.status == 0 => Ok(f),
-        Ok(_) => Err(format!(
-            "shutdown keeper: status {}: {}",
-            end.status, end.err
-        )),
-        Err(e) => Err(e),
-    }
+    drive_steps(sock, cfgs, &guests.hello, &guests.pv, lines)
+        .and_then(|f| hotplug::drive(sock, cfgs, guests, lines).map(|()| f))
 }
 
 fn check(ok: bool, what: impl FnOnce() -> String) -> Result<(), String> {
@@ -150,10 +133,20 @@ fn drive_steps(
     // 2. Create hello-dom; its greeting is the end of domain_create_ms.
     let hello = cfgs.join("hello.toml");
     fig.kernel_file_bytes = std::fs::metadata(kernel).map(|m| m.len()).unwrap_or(0);
+    // What travels: the loadable part, compressed when that is smaller.
     fig.kernel_sent_bytes = std::fs::read(kernel)
         .ok()
         .and_then(|b| hvctl::elf::loadable(&b).ok())
-        .map_or(0, |b| b.len());
+        .map_or(0, |k| {
+            match hvctl::create_request(shared_abi::domain_config::DomainConfig::new("x", 4096), k)
+            {
+                shared_abi::mgmt::RequestBody::CreateDeflated {
+                    kernel_deflated, ..
+                } => kernel_deflated.len(),
+                shared_abi::mgmt::RequestBody::Create { kernel, .. } => kernel.len(),
+                _ => 0,
+            }
+        });
     std::fs::write(
         &hello,
         format!(
@@ -463,42 +456,16 @@ fn drive_steps(
 
 #[test]
 fn hvctl_drives_the_running_system() {
-    let ws = Workspace::locate();
-    let toml = std::fs::read_to_string(ws.root.join("systems/toolstack.toml"))
-        .expect("reading systems/toolstack.toml");
-    let img = tests::system_image("toolstack", "toolstack", &toml);
     let guests = Guests::build();
-    let dir = scenario_dir().join("toolstack-run");
-    std::fs::create_dir_all(&dir).expect("scenario dir");
-    let sock = dir.join("hvctl.sock");
-    let _ = std::fs::remove_file(&sock);
-    let qemu: Vec<String> = bulkhead_build::qemu::mgmt_socket_args(&sock);
-    let qemu: Vec<&str> = qemu.iter().map(String::as_str).collect();
-
-    let lines: Lines = Arc::new(Mutex::new(Vec::new()));
-    let mut driver: Option<thread::JoinHandle<Result<Figures, String>>> = None;
-    let b = Scenario::new("toolstack")
-        .memory_mib(512)
-        .exit_when_done()
-        .image(img)
-        .qemu_args(&qemu)
-        .timeout(Duration::from_secs(180))
-        .boot_watching(|line| {
-            record(&lines, line);
-            if driver.is_none() && line.contains("ctl: serving hvctl") {
-                let (sock, dir, guests, lines) =
-                    (sock.clone(), dir.clone(), guests.clone(), lines.clone());
-                driver = Some(thread::spawn(move || drive(&sock, &dir, &guests, &lines)));
-            }
-        });
-    let Some(driver) = driver else {
-        b.fail("ctl never said it serves hvctl");
-    };
-    let fig = match driver.join() {
-        Ok(Ok(f)) => f,
-        Ok(Err(e)) => b.fail(&format!("hvctl scenario: {e}")),
-        Err(_) => b.fail("the driver thread panicked"),
-    };
+    let (b, r) = on_toolstack_system(
+        "toolstack",
+        Scenario::new("toolstack")
+            .memory_mib(512)
+            .timeout(Duration::from_secs(180)),
+        LEFTOVERS.iter().map(|s| s.to_string()).collect(),
+        move |sock, dir, lines| drive(sock, dir, &guests, lines),
+    );
+    let fig = r.unwrap_or_else(|e| b.fail(&format!("hvctl scenario: {e}")));
     b.expect_outcome(Outcome::CleanPoweroff);
     // The crasher: exactly two restarts, then the limit, and nothing after it.
     let count = |pat: &str| {

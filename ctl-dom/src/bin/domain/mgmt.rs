@@ -66,7 +66,7 @@ pub struct Mgmt {
 }
 
 /// Requests at least this long get a line saying how long the line and the work took.
-const REPORT_BYTES: usize = 16 * 1024;
+const REPORT_BYTES: usize = 8 * 1024;
 
 fn param(cmdline: &str, key: &str) -> Option<u64> {
     cmdline.split_whitespace().find_map(|w| {
