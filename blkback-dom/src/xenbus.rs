@@ -329,13 +329,7 @@ impl BlkbackXenbus {
     /// backend directory is gone (a forced detach: writing `state` would re-create it).
     pub fn disconnected<S: Store>(&mut self, store: &mut S) -> Result<(), XenbusError> {
         self.connecting = false;
-        if store
-            .read(&path(self.dev.backend_path(), "state"))?
-            .is_none()
-        {
-            return Ok(());
-        }
-        self.dev.switch(store, XenbusState::Closed)
+        self.dev.closed_unless_removed(store)
     }
 
     /// What became of the backend directory since the probe (the toolstack removed it, or

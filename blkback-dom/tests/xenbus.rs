@@ -277,18 +277,7 @@ fn garbage_frontend_state_fails_the_device() {
 #[test]
 fn close_disconnects_before_closed_then_reconnects() {
     let mut s = toolstack();
-    let mut xb = probe(&mut s);
-    front_writes(&mut s, 1, 0);
-    let Action::Connect(c) = xb.frontend_changed(&mut s).unwrap() else {
-        panic!()
-    };
-    let vbd = Vbd::new(
-        c.vbd_config(&BackendOffer::default()),
-        SyncIo::new(RamDisk::new(64, 512).unwrap()),
-        vec![SharedRingMem::new_owned(PAGE_SIZE).unwrap()],
-    )
-    .unwrap();
-    xb.connected(&mut s, &vbd.advertised()).unwrap();
+    let mut xb = connected(&mut s);
     // Guest shuts down: Closing, then Closed.
     s.set(&format!("{FE}/state"), "5");
     assert_eq!(xb.frontend_changed(&mut s).unwrap(), Action::None);
@@ -383,13 +372,23 @@ fn remove_dir(s: &mut MemStore, dir: &str) {
     s.nodes.retain(|k, _| !k.starts_with(&prefix));
 }
 
+/// The toolstack removes both directories (after a detach, or at once: a forced one).
+fn remove_both(s: &mut MemStore) {
+    remove_dir(s, BE);
+    remove_dir(s, FE);
+}
+
+/// libxl's detach: online = 0 and the backend's state Closing, written by the toolstack.
+fn toolstack_detach(s: &mut MemStore) {
+    s.set(&format!("{BE}/online"), "0");
+    s.set(&format!("{BE}/state"), "5");
+}
+
 #[test]
 fn toolstack_detach_of_a_connected_disk_closes_after_teardown_and_is_not_probed_again() {
     let mut s = toolstack();
     let mut xb = connected(&mut s);
-    // libxl: online = 0 and the backend's state Closing, written by the toolstack.
-    s.set(&format!("{BE}/online"), "0");
-    s.set(&format!("{BE}/state"), "5");
+    toolstack_detach(&mut s);
     assert_eq!(xb.backend_dir(&mut s), BackendDir::Unchanged);
     // The frontend answers Closed directly (xenbus_frontend_closed).
     s.set(&format!("{FE}/state"), "6");
@@ -410,8 +409,7 @@ fn toolstack_detach_of_a_connected_disk_closes_after_teardown_and_is_not_probed_
 fn forced_detach_of_a_connected_disk_is_removed_without_writing() {
     let mut s = toolstack();
     let mut xb = connected(&mut s);
-    remove_dir(&mut s, BE);
-    remove_dir(&mut s, FE);
+    remove_both(&mut s);
     assert_eq!(xb.backend_dir(&mut s), BackendDir::Gone);
     assert_eq!(xb.frontend_changed(&mut s).unwrap(), Action::Remove);
     // A caller that still calls disconnected does not re-create the directory.
@@ -423,8 +421,7 @@ fn forced_detach_of_a_connected_disk_is_removed_without_writing() {
 fn reattaching_the_same_device_is_seen_and_probed_again() {
     let mut s = toolstack();
     let mut xb = connected(&mut s);
-    s.set(&format!("{BE}/online"), "0");
-    s.set(&format!("{BE}/state"), "5");
+    toolstack_detach(&mut s);
     s.set(&format!("{FE}/state"), "6");
     assert_eq!(
         xb.frontend_changed(&mut s).unwrap(),
@@ -432,8 +429,7 @@ fn reattaching_the_same_device_is_seen_and_probed_again() {
     );
     xb.disconnected(&mut s).unwrap();
     // The toolstack removes both directories and attaches the same devid again.
-    remove_dir(&mut s, BE);
-    remove_dir(&mut s, FE);
+    remove_both(&mut s);
     let fresh = toolstack();
     for (k, v) in fresh.nodes {
         s.set(&k, &v);

@@ -5,10 +5,6 @@ use super::*;
 use crate::fake::{FAKE_CONSOLE_INPUT_BYTES, FakePlatform};
 use shared_abi::mgmt::DomainIoStats;
 
-fn ts() -> Toolstack<FakePlatform> {
-    Toolstack::new(FakePlatform::with_boot_domains())
-}
-
 fn write(t: &mut Toolstack<FakePlatform>, dom: DomainRef, data: &[u8]) -> Result<u32, MgmtError> {
     match t.handle(RequestBody::ConsoleWrite {
         dom,
@@ -21,7 +17,7 @@ fn write(t: &mut Toolstack<FakePlatform>, dom: DomainRef, data: &[u8]) -> Result
 
 #[test]
 fn console_input_reaches_the_domain_by_id_or_name() {
-    let mut t = ts();
+    let mut t = Toolstack::fake();
     assert_eq!(write(&mut t, DomainRef::Id(2), b"ls\n"), Ok(3));
     assert_eq!(
         write(&mut t, DomainRef::Name("blkback".into()), b"quit\n"),
@@ -33,7 +29,7 @@ fn console_input_reaches_the_domain_by_id_or_name() {
 
 #[test]
 fn a_full_input_buffer_takes_part_then_nothing() {
-    let mut t = ts();
+    let mut t = Toolstack::fake();
     let data = vec![b'x'; MAX_CHUNK];
     assert_eq!(
         write(&mut t, DomainRef::Id(3), &data),
@@ -46,7 +42,7 @@ fn a_full_input_buffer_takes_part_then_nothing() {
 
 #[test]
 fn bad_console_writes_get_clear_errors() {
-    let mut t = ts();
+    let mut t = Toolstack::fake();
     assert_eq!(
         write(&mut t, DomainRef::Id(77), b"x"),
         Err(MgmtError::UnknownDomain(DomainRef::Id(77)))
@@ -141,7 +137,7 @@ fn a_platform_without_console_input_or_stats_says_unsupported() {
 
 #[test]
 fn domain_stats_has_a_row_per_domain_with_its_counters() {
-    let mut t = ts();
+    let mut t = Toolstack::fake();
     t.platform.io.insert(
         2,
         DomainIoStats {

@@ -6,21 +6,16 @@ use alloc::collections::BTreeMap;
 
 use super::*;
 use crate::boot_devices::{disk_plan, parse_disks};
-use crate::fake::{FakePlatform, Release};
+use crate::fake::{FAKE_KERNEL, FakePlatform, Release, guest_config};
 use crate::xenstore_layout::device_plan;
 use shared_abi::domain_config::{DiskAccess, DiskSpec, VifSpec};
 use shared_abi::mgmt::{DEFAULT_DETACH_TIMEOUT_MS, MAX_DETACH_TIMEOUT_MS};
 
-const ELF: &[u8] = b"\x7fELF-kernel";
 /// Boot domains of the fake: blkback and netback.
 const BLKBACK: DomId = 2;
 const NETBACK: DomId = 3;
 
 type Ts = Toolstack<FakePlatform>;
-
-fn ts() -> Ts {
-    Toolstack::new(FakePlatform::with_boot_domains())
-}
 
 fn disk(vdev: &str) -> DiskSpec {
     DiskSpec {
@@ -42,16 +37,7 @@ fn vif() -> VifSpec {
 
 /// A guest with one disk (xvda) and one vif.
 fn guest(t: &mut Ts, name: &str) -> DomId {
-    let mut c = DomainConfig::new(name, 16384);
-    c.disks.push(disk("xvda"));
-    c.vifs.push(vif());
-    match t.handle(RequestBody::Create {
-        config: c,
-        kernel: ELF.to_vec(),
-    }) {
-        Ok(Reply::Created { domid }) => domid,
-        r => panic!("{r:?}"),
-    }
+    t.create_fake(guest_config(name)).unwrap()
 }
 
 type Snapshot = (BTreeMap<String, String>, BTreeMap<String, Vec<String>>);
@@ -79,13 +65,6 @@ fn detach_disk(
     })
 }
 
-fn devices(t: &mut Ts, id: DomId) -> Vec<DeviceInfo> {
-    match t.handle(RequestBody::Info(DomainRef::Id(id))) {
-        Ok(Reply::Info(d)) => d.devices,
-        r => panic!("{r:?}"),
-    }
-}
-
 fn field(r: &Result<Reply, MgmtError>) -> &str {
     match r {
         Err(MgmtError::InvalidConfig(e)) => &e.field,
@@ -101,7 +80,7 @@ fn perms(t: &Ts, path: &str) -> Vec<String> {
 
 #[test]
 fn a_created_guest_reads_its_home_and_writes_only_its_own_corners() {
-    let mut t = ts();
+    let mut t = Ts::fake();
     let id = guest(&mut t, "web");
     let home = format!("/local/domain/{id}");
     let p = &mut t.platform;
@@ -150,7 +129,7 @@ fn a_created_guest_reads_its_home_and_writes_only_its_own_corners() {
 
 #[test]
 fn a_guest_writes_its_frontend_state_and_its_backend_reads_it() {
-    let mut t = ts();
+    let mut t = Ts::fake();
     let id = guest(&mut t, "web");
     let f = format!("/local/domain/{id}/device/vbd/51712");
     let b = format!("/local/domain/{BLKBACK}/backend/vbd/{id}/51712");
@@ -166,7 +145,7 @@ fn a_guest_writes_its_frontend_state_and_its_backend_reads_it() {
     assert_eq!(p.guest_write(id, &format!("{f}/ring-ref"), "8"), Ok(()));
     assert_eq!(
         p.guest_read(id, &format!("{b}/params")).as_deref(),
-        Ok("vol-xvda")
+        Ok("vol0")
     );
     assert_eq!(
         p.guest_write(id, &format!("{b}/state"), "4"),
@@ -223,7 +202,7 @@ fn boot_and_run_time_devices_share_one_plan() {
 
 #[test]
 fn hotplugged_disk_is_writable_by_its_guest_and_detach_leaves_nothing() {
-    let mut t = ts();
+    let mut t = Ts::fake();
     let id = guest(&mut t, "web");
     let before = snapshot(&t);
     let r = attach_disk(&mut t, DomainRef::Name("web".into()), disk("xvdb"));
@@ -239,7 +218,7 @@ fn hotplugged_disk_is_writable_by_its_guest_and_detach_leaves_nothing() {
             .as_deref(),
         Ok("4")
     );
-    assert_eq!(devices(&mut t, id).len(), 3);
+    assert_eq!(t.devices_of(id).len(), 3);
     // The guest and its backend close when asked.
     assert_eq!(
         detach_disk(&mut t, id, "xvdb", 3000, false),
@@ -252,7 +231,7 @@ fn hotplugged_disk_is_writable_by_its_guest_and_detach_leaves_nothing() {
         format!("domain {id}: xvdb released (backend Closed) after 10 ms")
     );
     assert_eq!(snapshot(&t), before);
-    assert_eq!(devices(&mut t, id).len(), 2);
+    assert_eq!(t.devices_of(id).len(), 2);
     // Again: a retry of an attach after a detach works.
     assert_eq!(
         attach_disk(&mut t, DomainRef::Id(id), disk("xvdb")),
@@ -262,7 +241,7 @@ fn hotplugged_disk_is_writable_by_its_guest_and_detach_leaves_nothing() {
 
 #[test]
 fn a_backend_that_removes_its_directory_completes_the_detach() {
-    let mut t = ts();
+    let mut t = Ts::fake();
     let id = guest(&mut t, "web");
     let before = snapshot(&t);
     attach_disk(&mut t, DomainRef::Id(id), disk("xvdc")).unwrap();
@@ -276,7 +255,7 @@ fn a_backend_that_removes_its_directory_completes_the_detach() {
 
 #[test]
 fn a_guest_that_does_not_release_times_out_and_keeps_the_device() {
-    let mut t = ts();
+    let mut t = Ts::fake();
     let id = guest(&mut t, "web");
     attach_disk(&mut t, DomainRef::Id(id), disk("xvdb")).unwrap();
     let f = format!("/local/domain/{id}/device/vbd/51728");
@@ -320,19 +299,19 @@ fn a_guest_that_does_not_release_times_out_and_keeps_the_device() {
     );
     // Still attached, recorded, and the backend as it was (online, Connected).
     assert_eq!(snapshot(&t), attached);
-    assert_eq!(devices(&mut t, id).len(), 3);
+    assert_eq!(t.devices_of(id).len(), 3);
     // A retry once the guest cooperates succeeds; so would --force.
     t.platform.release = Release::Cooperate;
     assert_eq!(
         detach_disk(&mut t, id, "xvdb", 3000, false),
         Ok(Reply::Done)
     );
-    assert_eq!(devices(&mut t, id).len(), 2);
+    assert_eq!(t.devices_of(id).len(), 2);
 }
 
 #[test]
 fn force_removes_at_once_without_asking() {
-    let mut t = ts();
+    let mut t = Ts::fake();
     let id = guest(&mut t, "web");
     let before = snapshot(&t);
     attach_disk(&mut t, DomainRef::Id(id), disk("xvdb")).unwrap();
@@ -372,7 +351,7 @@ fn force_removes_at_once_without_asking() {
 
 #[test]
 fn a_guest_that_died_meanwhile_does_not_hold_its_device() {
-    let mut t = ts();
+    let mut t = Ts::fake();
     let id = guest(&mut t, "web");
     t.platform.release = Release::Refuse;
     t.platform.shutdown(id, shutdown::CRASH).unwrap();
@@ -385,7 +364,7 @@ fn a_guest_that_died_meanwhile_does_not_hold_its_device() {
 
 #[test]
 fn detach_refuses_bad_requests_and_changes_nothing() {
-    let mut t = ts();
+    let mut t = Ts::fake();
     let id = guest(&mut t, "web");
     let before = snapshot(&t);
     let r = detach_disk(&mut t, 99, "xvda", 1000, false);
@@ -422,13 +401,13 @@ fn detach_refuses_bad_requests_and_changes_nothing() {
         assert_eq!(field(&r), "timeout", "{bad}");
     }
     assert_eq!(snapshot(&t), before);
-    assert_eq!(devices(&mut t, id).len(), 2);
+    assert_eq!(t.devices_of(id).len(), 2);
     assert_eq!(t.platform.clock_ms, 0);
 }
 
 #[test]
 fn attach_validates_each_field_and_writes_nothing_when_refused() {
-    let mut t = ts();
+    let mut t = Ts::fake();
     let id = guest(&mut t, "web");
     let _other = guest(&mut t, "other");
     let before = snapshot(&t);
@@ -481,12 +460,12 @@ fn attach_validates_each_field_and_writes_nothing_when_refused() {
     let r = t.handle(RequestBody::NetworkAttach { dom: web(), vif: v });
     assert_eq!(field(&r), "vif.backend");
     assert_eq!(snapshot(&t), before);
-    assert_eq!(devices(&mut t, id).len(), 2);
+    assert_eq!(t.devices_of(id).len(), 2);
 }
 
 #[test]
 fn an_attach_that_fails_halfway_is_removed_again() {
-    let mut t = ts();
+    let mut t = Ts::fake();
     let id = guest(&mut t, "web");
     let before = snapshot(&t);
     t.platform.fail_xs_write_after = Some(4);
@@ -494,7 +473,7 @@ fn an_attach_that_fails_halfway_is_removed_again() {
     assert!(matches!(r, Err(MgmtError::Hypervisor { .. })), "{r:?}");
     t.platform.fail_xs_write_after = None;
     assert_eq!(snapshot(&t), before);
-    assert_eq!(devices(&mut t, id).len(), 2);
+    assert_eq!(t.devices_of(id).len(), 2);
     // The vif's next devid and its default MAC.
     let r = t.handle(RequestBody::NetworkAttach {
         dom: DomainRef::Id(id),
@@ -524,7 +503,7 @@ fn an_attach_that_fails_halfway_is_removed_again() {
 
 #[test]
 fn destroy_after_hotplug_leaves_no_node_of_the_domain() {
-    let mut t = ts();
+    let mut t = Ts::fake();
     let before = snapshot(&t);
     let id = guest(&mut t, "web");
     attach_disk(&mut t, DomainRef::Id(id), disk("xvdb")).unwrap();
@@ -551,15 +530,10 @@ fn destroy_after_hotplug_leaves_no_node_of_the_domain() {
 
 #[test]
 fn maxmem_is_the_hypervisor_limit_after_building_with_memory() {
-    let mut t = ts();
+    let mut t = Ts::fake();
     let mut c = DomainConfig::new("big", 16384);
     c.maxmem_kib = 65536;
-    let Ok(Reply::Created { domid }) = t.handle(RequestBody::Create {
-        config: c.clone(),
-        kernel: ELF.to_vec(),
-    }) else {
-        panic!()
-    };
+    let domid = t.create_fake(c.clone()).unwrap();
     let Ok(Reply::Domains(ds)) = t.handle(RequestBody::List) else {
         panic!()
     };
@@ -589,7 +563,7 @@ fn maxmem_is_the_hypervisor_limit_after_building_with_memory() {
     small.maxmem_kib = 8192;
     let r = t.handle(RequestBody::Create {
         config: small,
-        kernel: ELF.to_vec(),
+        kernel: FAKE_KERNEL.to_vec(),
     });
     assert_eq!(field(&r), "maxmem");
     // The hypervisor refusing the limit: nothing built.
@@ -600,7 +574,7 @@ fn maxmem_is_the_hypervisor_limit_after_building_with_memory() {
     other.name = "other".into();
     let r = t.handle(RequestBody::Create {
         config: other,
-        kernel: ELF.to_vec(),
+        kernel: FAKE_KERNEL.to_vec(),
     });
     assert!(
         matches!(&r, Err(MgmtError::Hypervisor { operation, .. }) if operation == "create: maxmem"),
@@ -616,18 +590,13 @@ fn perms_of(p: &FakePlatform, path: &str) -> Vec<String> {
 
 #[test]
 fn a_detached_device_does_not_come_back_on_restart() {
-    let mut t = ts();
+    let mut t = Ts::fake();
     let mut c = DomainConfig::new("svc", 16384);
     c.disks.push(disk("xvda"));
     c.vifs.push(vif());
     c.vifs.push(vif());
     c.on_crash = LifecycleAction::Restart;
-    let Ok(Reply::Created { domid }) = t.handle(RequestBody::Create {
-        config: c,
-        kernel: ELF.to_vec(),
-    }) else {
-        panic!()
-    };
+    let domid = t.create_fake(c).unwrap();
     attach_disk(&mut t, DomainRef::Id(domid), disk("xvdb")).unwrap();
     for devid in [0, 1] {
         let r = t.handle(RequestBody::NetworkDetach {
@@ -646,7 +615,7 @@ fn a_detached_device_does_not_come_back_on_restart() {
         panic!()
     };
     // Only the hot-plugged xvdb, on the new domain.
-    let devs = devices(&mut t, new_domid);
+    let devs = t.devices_of(new_domid);
     assert!(
         matches!(devs.as_slice(), [DeviceInfo::Disk { devid: 51728, .. }]),
         "{devs:?}"

@@ -35,12 +35,14 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use shared_abi::DomId;
-use shared_abi::domain_config::{ConfigError, DiskSpec, MacFmt, VifSpec};
+use shared_abi::domain_config::{ConfigError, DiskSpec, DomainConfig, MacFmt, VifSpec};
 use shared_abi::errno::XenError;
 use shared_abi::mgmt::{DeviceInfo, DomainRef, MAX_DETACH_TIMEOUT_MS, MgmtError, Reply, RunState};
 
 use crate::xenstore_layout::{self, XsPlan, device_paths, device_plan, kind_name};
-use crate::{DEFAULT_BLOCK_BACKEND, DEFAULT_NET_BACKEND, Device, Managed, Platform, Toolstack, hv};
+use crate::{
+    DEFAULT_BLOCK_BACKEND, DEFAULT_NET_BACKEND, Device, HvDomain, Managed, Platform, Toolstack, hv,
+};
 
 /// Poll period of the detach wait.
 pub const POLL_MS: u64 = 10;
@@ -134,23 +136,13 @@ impl<P: Platform> Toolstack<P> {
         let mut cfg = m.config.clone();
         cfg.disks.push(disk.clone());
         cfg.validate()?;
-        let b = self.backend_id(
+        let b = self.new_backend(
             &all,
+            d.domid,
             disk.backend.as_ref(),
             DEFAULT_BLOCK_BACKEND,
-            "disk.backend".into(),
+            "disk.backend",
         )?;
-        if b == d.domid {
-            return Err(ConfigError::new(
-                "disk.backend",
-                format!(
-                    "{:?}",
-                    disk.backend.as_deref().unwrap_or(DEFAULT_BLOCK_BACKEND)
-                ),
-                "a backend domain other than the guest",
-            )
-            .into());
-        }
         let devid = xenstore_layout::vbd_devid(&disk.vdev).ok_or_else(|| {
             MgmtError::from(ConfigError::new(
                 "disk.vdev",
@@ -163,10 +155,7 @@ impl<P: Platform> Toolstack<P> {
             info: DeviceInfo::Disk { devid, spec: disk },
             backend: b,
         };
-        self.plug(d.domid, dev, OP, "disk.vdev", &shown)?;
-        if let Some(m) = self.managed.get_mut(&d.domid) {
-            m.config = cfg;
-        }
+        self.plug(d.domid, dev, cfg, OP, "disk.vdev", &shown)?;
         Ok(Reply::Attached { devid })
     }
 
@@ -211,40 +200,51 @@ impl<P: Platform> Toolstack<P> {
         let mut cfg = m.config.clone();
         cfg.vifs.push(vif.clone());
         cfg.validate()?;
-        let b = self.backend_id(
+        let b = self.new_backend(
             &all,
+            d.domid,
             vif.backend.as_ref(),
             DEFAULT_NET_BACKEND,
-            "vif.backend".into(),
+            "vif.backend",
         )?;
-        if b == d.domid {
-            return Err(ConfigError::new(
-                "vif.backend",
-                format!(
-                    "{:?}",
-                    vif.backend.as_deref().unwrap_or(DEFAULT_NET_BACKEND)
-                ),
-                "a backend domain other than the guest",
-            )
-            .into());
-        }
         let dev = Device {
             info: DeviceInfo::Vif { devid, spec: vif },
             backend: b,
         };
-        self.plug(d.domid, dev, OP, "vif.devid", &devid.to_string())?;
-        if let Some(m) = self.managed.get_mut(&d.domid) {
-            m.config = cfg;
-        }
+        self.plug(d.domid, dev, cfg, OP, "vif.devid", &devid.to_string())?;
         Ok(Reply::Attached { devid })
     }
 
-    /// Write a new device of `domid` (neither directory may exist yet) and record it; on a
-    /// failed write remove whatever was written.
+    /// The backend of a device attached to `guest`: the running domain `named` (else
+    /// `default`), and not the guest itself; errors name `field`.
+    fn new_backend(
+        &self,
+        all: &[HvDomain],
+        guest: DomId,
+        named: Option<&String>,
+        default: &str,
+        field: &str,
+    ) -> Result<DomId, MgmtError> {
+        let b = self.backend_id(all, named, default, field.into())?;
+        if b == guest {
+            return Err(ConfigError::new(
+                field,
+                format!("{:?}", named.map_or(default, String::as_str)),
+                "a backend domain other than the guest",
+            )
+            .into());
+        }
+        Ok(b)
+    }
+
+    /// Write a new device of `domid` (neither directory may exist yet) and record it with
+    /// the domain's config `cfg` that includes it; on a failed write remove whatever was
+    /// written and keep the old config.
     fn plug(
         &mut self,
         domid: DomId,
         dev: Device,
+        cfg: DomainConfig,
         operation: &str,
         field: &str,
         value: &str,
@@ -279,6 +279,7 @@ impl<P: Platform> Toolstack<P> {
         ));
         if let Some(m) = self.managed.get_mut(&domid) {
             m.devices.push(dev);
+            m.config = cfg;
         }
         Ok(())
     }

@@ -18,12 +18,12 @@ use alloc::vec::Vec;
 
 use shared_abi::DomId;
 use shared_abi::capability::Capabilities;
-use shared_abi::domain_config::DomainConfig;
+use shared_abi::domain_config::{DiskAccess, DiskSpec, DomainConfig, VifSpec};
 use shared_abi::errno::XenError;
-use shared_abi::mgmt::RunState;
+use shared_abi::mgmt::{DeviceInfo, DomainRef, MgmtError, Reply, RequestBody, RunState};
 
 use crate::xenstore_layout::XsPlan;
-use crate::{Chunk, HvDomain, Platform};
+use crate::{Chunk, HvDomain, Platform, Toolstack};
 
 /// How a device's frontend and backend answer the toolstack's close request (a backend
 /// directory with `online` = 0 and `state` = 5), each time fake time passes.
@@ -98,6 +98,55 @@ impl FakePlatform {
 
     fn get(&mut self, id: DomId) -> Result<&mut HvDomain, XenError> {
         self.domains.get_mut(&id).ok_or(XenError::ESRCH)
+    }
+}
+
+/// A kernel the fake builds (it checks only the ELF magic).
+pub const FAKE_KERNEL: &[u8] = b"\x7fELF-kernel";
+
+/// The run-time guest tests create: 16 MiB, disk xvda (target `vol0`, read-write) and vif 0
+/// (default MAC), both on the default backends.
+pub fn guest_config(name: &str) -> DomainConfig {
+    let mut c = DomainConfig::new(name, 16384);
+    c.disks.push(DiskSpec {
+        target: "vol0".into(),
+        vdev: "xvda".into(),
+        access: DiskAccess::ReadWrite,
+        backend: None,
+    });
+    c.vifs.push(VifSpec {
+        mac: None,
+        ip: None,
+        rate_bytes_per_sec: None,
+        backend: None,
+    });
+    c
+}
+
+/// Test helpers: the engine over the fake, and the requests tests make most.
+impl Toolstack<FakePlatform> {
+    /// The engine over [`FakePlatform::with_boot_domains`].
+    pub fn fake() -> Self {
+        Toolstack::new(FakePlatform::with_boot_domains())
+    }
+
+    /// `create` with [`FAKE_KERNEL`]: the new domain's id, or the engine's refusal.
+    pub fn create_fake(&mut self, config: DomainConfig) -> Result<DomId, MgmtError> {
+        match self.handle(RequestBody::Create {
+            config,
+            kernel: FAKE_KERNEL.to_vec(),
+        })? {
+            Reply::Created { domid } => Ok(domid),
+            r => panic!("create answered {r:?}"),
+        }
+    }
+
+    /// The devices `info` lists for domain `id` (which must exist).
+    pub fn devices_of(&mut self, id: DomId) -> Vec<DeviceInfo> {
+        match self.handle(RequestBody::Info(DomainRef::Id(id))) {
+            Ok(Reply::Info(d)) => d.devices,
+            r => panic!("info {id}: {r:?}"),
+        }
     }
 }
 

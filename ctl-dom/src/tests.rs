@@ -1,47 +1,14 @@
 //! Engine tests against the fake platform.
 
 use super::*;
-use crate::fake::FakePlatform;
-use shared_abi::domain_config::{DiskAccess, DiskSpec, VifSpec};
+use crate::fake::{FakePlatform, guest_config};
+use shared_abi::domain_config::{DiskAccess, DiskSpec};
 use shared_abi::mgmt::{self, Request, Response};
-
-fn ts() -> Toolstack<FakePlatform> {
-    Toolstack::new(FakePlatform::with_boot_domains())
-}
-
-fn cfg(name: &str) -> DomainConfig {
-    let mut c = DomainConfig::new(name, 16384);
-    c.disks.push(DiskSpec {
-        target: "vol0".into(),
-        vdev: "xvda".into(),
-        access: DiskAccess::ReadWrite,
-        backend: None,
-    });
-    c.vifs.push(VifSpec {
-        mac: None,
-        ip: Some([10, 0, 0, 2]),
-        rate_bytes_per_sec: None,
-        backend: None,
-    });
-    c
-}
-
-const ELF: &[u8] = b"\x7fELF-kernel";
-
-fn create(t: &mut Toolstack<FakePlatform>, c: DomainConfig) -> Result<DomId, MgmtError> {
-    match t.handle(RequestBody::Create {
-        config: c,
-        kernel: ELF.to_vec(),
-    })? {
-        Reply::Created { domid } => Ok(domid),
-        r => panic!("{r:?}"),
-    }
-}
 
 #[test]
 fn create_builds_introduces_and_wires_devices() {
-    let mut t = ts();
-    let id = create(&mut t, cfg("web")).unwrap();
+    let mut t = Toolstack::fake();
+    let id = t.create_fake(guest_config("web")).unwrap();
     let p = &t.platform;
     assert!(p.domains.contains_key(&id));
     assert_eq!(p.introduced, vec![id]);
@@ -69,8 +36,8 @@ fn create_builds_introduces_and_wires_devices() {
 
 #[test]
 fn destroy_removes_domain_and_every_xenstore_entry() {
-    let mut t = ts();
-    let id = create(&mut t, cfg("web")).unwrap();
+    let mut t = Toolstack::fake();
+    let id = t.create_fake(guest_config("web")).unwrap();
     t.handle(RequestBody::Destroy(DomainRef::Name("web".into())))
         .unwrap();
     assert!(!t.platform.domains.contains_key(&id));
@@ -85,11 +52,11 @@ fn destroy_removes_domain_and_every_xenstore_entry() {
 
 #[test]
 fn forbidden_capability_is_refused_by_policy_and_nothing_built() {
-    let mut t = ts();
+    let mut t = Toolstack::fake();
     let before = t.platform.store.clone();
-    let mut c = cfg("evil");
+    let mut c = guest_config("evil");
     c.capabilities = Capabilities::DOMAIN_CONTROL;
-    let e = create(&mut t, c).unwrap_err();
+    let e = t.create_fake(c).unwrap_err();
     assert!(matches!(e, MgmtError::RefusedByPolicy { .. }), "{e:?}");
     assert_eq!(t.platform.domains.len(), 4);
     assert_eq!(t.platform.store, before);
@@ -97,10 +64,10 @@ fn forbidden_capability_is_refused_by_policy_and_nothing_built() {
 
 #[test]
 fn invalid_config_is_revalidated_and_refused_before_building() {
-    let mut t = ts();
-    let mut c = cfg("x");
+    let mut t = Toolstack::fake();
+    let mut c = guest_config("x");
     c.vcpus = 0;
-    let e = create(&mut t, c).unwrap_err();
+    let e = t.create_fake(c).unwrap_err();
     assert!(
         matches!(&e, MgmtError::InvalidConfig(ce) if ce.field == "vcpus"),
         "{e:?}"
@@ -110,10 +77,10 @@ fn invalid_config_is_revalidated_and_refused_before_building() {
 
 #[test]
 fn missing_backend_is_named_and_nothing_built() {
-    let mut t = ts();
-    let mut c = cfg("x");
+    let mut t = Toolstack::fake();
+    let mut c = guest_config("x");
     c.disks[0].backend = Some("nosuch".into());
-    let e = create(&mut t, c).unwrap_err();
+    let e = t.create_fake(c).unwrap_err();
     assert!(
         matches!(&e, MgmtError::InvalidConfig(ce) if ce.field == "disk[0].backend"),
         "{e:?}"
@@ -123,20 +90,20 @@ fn missing_backend_is_named_and_nothing_built() {
 
 #[test]
 fn duplicate_name_is_refused() {
-    let mut t = ts();
-    create(&mut t, cfg("web")).unwrap();
+    let mut t = Toolstack::fake();
+    t.create_fake(guest_config("web")).unwrap();
     assert_eq!(
-        create(&mut t, cfg("web")),
+        t.create_fake(guest_config("web")),
         Err(MgmtError::NameInUse("web".into()))
     );
 }
 
 #[test]
 fn builder_refusal_is_a_hypervisor_error_with_errno() {
-    let mut t = ts();
+    let mut t = Toolstack::fake();
     let e = t
         .handle(RequestBody::Create {
-            config: cfg("x"),
+            config: guest_config("x"),
             kernel: b"MZ".to_vec(),
         })
         .unwrap_err();
@@ -151,9 +118,9 @@ fn builder_refusal_is_a_hypervisor_error_with_errno() {
 
 #[test]
 fn failed_xenstore_wiring_destroys_the_half_built_domain() {
-    let mut t = ts();
+    let mut t = Toolstack::fake();
     t.platform.fail_xs_write = Some(XenError::ENOSPC);
-    let e = create(&mut t, cfg("x")).unwrap_err();
+    let e = t.create_fake(guest_config("x")).unwrap_err();
     assert!(matches!(e, MgmtError::Hypervisor { .. }));
     assert_eq!(t.platform.domains.len(), 4, "half-built domain destroyed");
     assert!(t.managed_ids().is_empty());
@@ -162,7 +129,7 @@ fn failed_xenstore_wiring_destroys_the_half_built_domain() {
 
 #[test]
 fn unknown_domain_is_typed() {
-    let mut t = ts();
+    let mut t = Toolstack::fake();
     for body in [
         RequestBody::Destroy(DomainRef::Id(99)),
         RequestBody::Info(DomainRef::Name("ghost".into())),
@@ -174,10 +141,10 @@ fn unknown_domain_is_typed() {
 
 #[test]
 fn on_crash_restart_rebuilds_with_same_config_and_counts() {
-    let mut t = ts();
-    let mut c = cfg("svc");
+    let mut t = Toolstack::fake();
+    let mut c = guest_config("svc");
     c.on_crash = LifecycleAction::Restart;
-    let id = create(&mut t, c).unwrap();
+    let id = t.create_fake(c).unwrap();
     let out = t.domain_died(id, shutdown::CRASH);
     let DeathOutcome::Restarted { new_domid } = out else {
         panic!("{out:?}")
@@ -199,16 +166,16 @@ fn on_crash_restart_rebuilds_with_same_config_and_counts() {
 
 #[test]
 fn on_crash_destroy_and_preserve() {
-    let mut t = ts();
-    let mut c = cfg("a");
+    let mut t = Toolstack::fake();
+    let mut c = guest_config("a");
     c.on_crash = LifecycleAction::Destroy;
-    let a = create(&mut t, c).unwrap();
+    let a = t.create_fake(c).unwrap();
     assert_eq!(t.domain_died(a, shutdown::CRASH), DeathOutcome::Destroyed);
     assert!(!t.platform.domains.contains_key(&a));
 
-    let mut c = cfg("b");
+    let mut c = guest_config("b");
     c.on_crash = LifecycleAction::Preserve;
-    let b = create(&mut t, c).unwrap();
+    let b = t.create_fake(c).unwrap();
     assert_eq!(t.domain_died(b, shutdown::CRASH), DeathOutcome::Preserved);
     match t.handle(RequestBody::List).unwrap() {
         Reply::Domains(ds) => {
@@ -223,10 +190,10 @@ fn on_crash_destroy_and_preserve() {
 
 #[test]
 fn poweroff_uses_on_poweroff_not_on_crash() {
-    let mut t = ts();
-    let mut c = cfg("a");
+    let mut t = Toolstack::fake();
+    let mut c = guest_config("a");
     c.on_crash = LifecycleAction::Restart;
-    let a = create(&mut t, c).unwrap();
+    let a = t.create_fake(c).unwrap();
     assert_eq!(
         t.domain_died(a, shutdown::POWEROFF),
         DeathOutcome::Destroyed
@@ -236,10 +203,10 @@ fn poweroff_uses_on_poweroff_not_on_crash() {
 
 #[test]
 fn restart_that_fails_leaves_nothing_behind() {
-    let mut t = ts();
-    let mut c = cfg("a");
+    let mut t = Toolstack::fake();
+    let mut c = guest_config("a");
     c.on_crash = LifecycleAction::Restart;
-    let a = create(&mut t, c).unwrap();
+    let a = t.create_fake(c).unwrap();
     t.platform.fail_create = Some(XenError::ENOMEM);
     assert_eq!(
         t.domain_died(a, shutdown::CRASH),
@@ -250,8 +217,8 @@ fn restart_that_fails_leaves_nothing_behind() {
 
 #[test]
 fn sched_credit_and_mem_set_check_ranges() {
-    let mut t = ts();
-    let id = create(&mut t, cfg("a")).unwrap();
+    let mut t = Toolstack::fake();
+    let id = t.create_fake(guest_config("a")).unwrap();
     let r = t.handle(RequestBody::SchedCredit {
         dom: DomainRef::Id(id),
         weight: Some(512),
@@ -283,8 +250,8 @@ fn sched_credit_and_mem_set_check_ranges() {
 
 #[test]
 fn block_attach_and_detach_round_trip() {
-    let mut t = ts();
-    let id = create(&mut t, cfg("a")).unwrap();
+    let mut t = Toolstack::fake();
+    let id = t.create_fake(guest_config("a")).unwrap();
     let disk = DiskSpec {
         target: "vol1".into(),
         vdev: "xvdb".into(),
@@ -369,7 +336,7 @@ fn a_deflated_kernel_is_inflated_and_checked_before_the_build() {
     let deflated = miniz_oxide::deflate::compress_to_vec(&kernel, 6);
     assert!(deflated.len() < kernel.len());
     let len = kernel.len() as u32;
-    let mut t = ts();
+    let mut t = Toolstack::fake();
     let r = t.handle(RequestBody::CreateDeflated {
         config: DomainConfig::new("packed", 16384),
         kernel_deflated: deflated.clone(),

@@ -314,6 +314,42 @@ pub fn domain_stats(domid: DomId) -> Result<dc::DomainStats, XenError> {
     dc::DomainStats::decode(&b[16..]).ok_or(XenError::EIO)
 }
 
+/// Test-only: what the hypercall mocks of the test modules below share.
+#[cfg(test)]
+mod mock {
+    use super::*;
+
+    /// A mocked `hypercall(nr, a)`: a DOMCTL hands `answer` the decoded header, the payload
+    /// after it (to read, and to answer in place) and a [`Guest`] to reach the buffers the
+    /// payload points at; anything else is `ENOSYS`.
+    pub(super) fn domctl(
+        nr: u64,
+        a: [u64; 5],
+        answer: impl FnOnce(DomctlHeader, &mut [u8], &mut Guest) -> i64,
+    ) -> i64 {
+        if nr != hc::DOMCTL {
+            return XenError::ENOSYS.as_ret();
+        }
+        let mut call = Guest(());
+        let b = call.bytes(a[0], dc::DOMCTL_LEN);
+        let h = DomctlHeader::decode(b).unwrap();
+        answer(h, &mut b[16..], &mut Guest(()))
+    }
+
+    /// The caller's memory as a mock sees it; made only by [`domctl`], for one call.
+    pub(super) struct Guest(());
+
+    impl Guest {
+        /// `len` bytes at `addr`, an address the wrapper under test passed in this call.
+        pub(super) fn bytes(&mut self, addr: u64, len: usize) -> &mut [u8] {
+            // SAFETY: a Guest lives only inside one mocked hypercall and is given addresses
+            // from that call: the wrappers pass a live DOMCTL_LEN buffer, and live data or
+            // record buffers of the lengths their payloads say, all outliving the call.
+            unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, len) }
+        }
+    }
+}
+
 #[cfg(test)]
 mod console_input_tests {
     use super::*;
@@ -321,34 +357,26 @@ mod console_input_tests {
 
     /// Takes at most 5 bytes for domain 3, ESRCH for others; stats for domain 3.
     fn fake(nr: u64, a: [u64; 5]) -> i64 {
-        if nr != hc::DOMCTL {
-            return XenError::ENOSYS.as_ret();
-        }
-        // SAFETY: the wrappers pass a live DOMCTL_LEN buffer and a live data buffer of `len`.
-        unsafe {
-            let b = core::slice::from_raw_parts_mut(a[0] as *mut u8, dc::DOMCTL_LEN);
-            let h = DomctlHeader::decode(b).unwrap();
-            match (h.cmd, h.domain) {
-                (dc::CONSOLE_WRITE, 3) => {
-                    let r = dc::ConsoleWrite::decode(&b[16..]).unwrap();
-                    assert!(r.len <= dc::CONSOLE_WRITE_MAX);
-                    let data = core::slice::from_raw_parts(r.buffer as *const u8, r.len as usize);
-                    assert!(data.starts_with(b"a"));
-                    data.len().min(5) as i64
-                }
-                (dc::CONSOLE_WRITE, 4) => 9999,
-                (dc::DOMAIN_STATS, 3) => {
-                    dc::DomainStats {
-                        evtchn_sends: 7,
-                        grant_copy_bytes: 4096,
-                        ..Default::default()
-                    }
-                    .encode(&mut b[16..]);
-                    0
-                }
-                _ => XenError::ESRCH.as_ret(),
+        mock::domctl(nr, a, |h, p, guest| match (h.cmd, h.domain) {
+            (dc::CONSOLE_WRITE, 3) => {
+                let r = dc::ConsoleWrite::decode(p).unwrap();
+                assert!(r.len <= dc::CONSOLE_WRITE_MAX);
+                let data = guest.bytes(r.buffer, r.len as usize);
+                assert!(data.starts_with(b"a"));
+                data.len().min(5) as i64
             }
-        }
+            (dc::CONSOLE_WRITE, 4) => 9999,
+            (dc::DOMAIN_STATS, 3) => {
+                dc::DomainStats {
+                    evtchn_sends: 7,
+                    grant_copy_bytes: 4096,
+                    ..Default::default()
+                }
+                .encode(p);
+                0
+            }
+            _ => XenError::ESRCH.as_ret(),
+        })
     }
 
     #[test]
@@ -377,55 +405,43 @@ mod tests {
     use crate::hypercall::MOCK;
 
     fn fake(nr: u64, a: [u64; 5]) -> i64 {
-        if nr != hc::DOMCTL {
-            return XenError::ENOSYS.as_ret();
-        }
-        // SAFETY: the wrappers pass a live DOMCTL_LEN buffer (and a live record buffer of
-        // `max_domains` records for LIST_DOMAINS).
-        unsafe {
-            let b = core::slice::from_raw_parts_mut(a[0] as *mut u8, dc::DOMCTL_LEN);
-            let h = DomctlHeader::decode(b).unwrap();
-            match h.cmd {
-                dc::LIST_DOMAINS => {
-                    let l = ListDomains::decode(&b[16..]).unwrap();
-                    let out = core::slice::from_raw_parts_mut(
-                        l.buffer as *mut u8,
-                        l.max_domains as usize * DomainInfo::SIZE,
-                    );
-                    let ids: Vec<u16> = (l.first_domain.max(1)..=70)
-                        .take(l.max_domains as usize)
-                        .collect();
-                    for (i, id) in ids.iter().enumerate() {
-                        DomainInfo {
-                            domid: *id,
-                            ..Default::default()
-                        }
-                        .encode(&mut out[i * DomainInfo::SIZE..]);
+        mock::domctl(nr, a, |h, p, guest| match h.cmd {
+            dc::LIST_DOMAINS => {
+                let l = ListDomains::decode(p).unwrap();
+                let out = guest.bytes(l.buffer, l.max_domains as usize * DomainInfo::SIZE);
+                let ids: Vec<u16> = (l.first_domain.max(1)..=70)
+                    .take(l.max_domains as usize)
+                    .collect();
+                for (i, id) in ids.iter().enumerate() {
+                    DomainInfo {
+                        domid: *id,
+                        ..Default::default()
                     }
-                    ids.len() as i64
+                    .encode(&mut out[i * DomainInfo::SIZE..]);
                 }
-                dc::REBUILD_BOOT_DOMAIN => {
-                    let mut r = BootDomain::decode(&b[16..]).unwrap();
-                    if r.index == dc::BOOT_BY_NAME && r.name() != Some("blk") {
-                        return XenError::ESRCH.as_ret();
-                    }
-                    if r.index == 9 {
-                        return XenError::ESRCH.as_ret();
-                    }
-                    r.domid = 12;
-                    r.encode(&mut b[16..]);
-                    12
-                }
-                dc::BOOT_DOMAIN_INFO => {
-                    let mut r = BootDomain::decode(&b[16..]).unwrap();
-                    r.on_crash = 1;
-                    r.nr_boot_domains = 3;
-                    r.encode(&mut b[16..]);
-                    0
-                }
-                _ => XenError::ENOSYS.as_ret(),
+                ids.len() as i64
             }
-        }
+            dc::REBUILD_BOOT_DOMAIN => {
+                let mut r = BootDomain::decode(p).unwrap();
+                if r.index == dc::BOOT_BY_NAME && r.name() != Some("blk") {
+                    return XenError::ESRCH.as_ret();
+                }
+                if r.index == 9 {
+                    return XenError::ESRCH.as_ret();
+                }
+                r.domid = 12;
+                r.encode(p);
+                12
+            }
+            dc::BOOT_DOMAIN_INFO => {
+                let mut r = BootDomain::decode(p).unwrap();
+                r.on_crash = 1;
+                r.nr_boot_domains = 3;
+                r.encode(p);
+                0
+            }
+            _ => XenError::ENOSYS.as_ret(),
+        })
     }
 
     #[test]
@@ -454,39 +470,31 @@ mod mgmt_tests {
 
     /// A line holding "hello" to read; writes accept at most 3 bytes; sched ops recorded.
     fn fake(nr: u64, a: [u64; 5]) -> i64 {
-        if nr != hc::DOMCTL {
-            return XenError::ENOSYS.as_ret();
-        }
-        // SAFETY: the wrappers pass a live DOMCTL_LEN buffer and a live data buffer of `len`.
-        unsafe {
-            let b = core::slice::from_raw_parts_mut(a[0] as *mut u8, dc::DOMCTL_LEN);
-            let h = DomctlHeader::decode(b).unwrap();
-            match h.cmd {
-                dc::MGMT_IO => {
-                    let r = dc::MgmtIo::decode(&b[16..]).unwrap();
-                    assert!(r.len <= dc::MGMT_IO_MAX);
-                    let data = core::slice::from_raw_parts_mut(r.buffer as *mut u8, r.len as usize);
-                    match r.op {
-                        dc::MGMT_READ => {
-                            let n = data.len().min(5);
-                            data[..n].copy_from_slice(&b"hello"[..n]);
-                            n as i64
-                        }
-                        dc::MGMT_WRITE if h.domain == 0 => data.len().min(3) as i64,
-                        _ => XenError::EINVAL.as_ret(),
+        mock::domctl(nr, a, |h, p, guest| match h.cmd {
+            dc::MGMT_IO => {
+                let r = dc::MgmtIo::decode(p).unwrap();
+                assert!(r.len <= dc::MGMT_IO_MAX);
+                let data = guest.bytes(r.buffer, r.len as usize);
+                match r.op {
+                    dc::MGMT_READ => {
+                        let n = data.len().min(5);
+                        data[..n].copy_from_slice(&b"hello"[..n]);
+                        n as i64
                     }
+                    dc::MGMT_WRITE if h.domain == 0 => data.len().min(3) as i64,
+                    _ => XenError::EINVAL.as_ret(),
                 }
-                dc::SCHEDULER_OP => {
-                    let op = dc::SchedulerOp::decode(&b[16..]).unwrap();
-                    if h.domain == 7 && op.weight == 512 && op.cap == 50 {
-                        0
-                    } else {
-                        XenError::ESRCH.as_ret()
-                    }
-                }
-                _ => XenError::ENOSYS.as_ret(),
             }
-        }
+            dc::SCHEDULER_OP => {
+                let op = dc::SchedulerOp::decode(p).unwrap();
+                if h.domain == 7 && op.weight == 512 && op.cap == 50 {
+                    0
+                } else {
+                    XenError::ESRCH.as_ret()
+                }
+            }
+            _ => XenError::ENOSYS.as_ret(),
+        })
     }
 
     /// Claims more bytes than asked.
@@ -525,45 +533,37 @@ mod history_tests {
     /// Domain 5's history is "hello" with 3 bytes lost before it; dmesg is "log"; max_mem
     /// accepted for domain 5 only.
     fn fake(nr: u64, a: [u64; 5]) -> i64 {
-        if nr != hc::DOMCTL {
-            return XenError::ENOSYS.as_ret();
-        }
-        // SAFETY: the wrappers pass a live DOMCTL_LEN buffer and a live data buffer of `len`.
-        unsafe {
-            let b = core::slice::from_raw_parts_mut(a[0] as *mut u8, dc::DOMCTL_LEN);
-            let h = DomctlHeader::decode(b).unwrap();
-            match h.cmd {
-                dc::CONSOLE_READ => {
-                    let mut r = dc::ConsoleRead::decode(&b[16..]).unwrap();
-                    assert!(r.len <= dc::CONSOLE_READ_MAX);
-                    let text: &[u8] = match h.domain {
-                        5 => b"hello",
-                        shared_abi::domid::DOMID_XEN => b"log",
-                        _ => return XenError::ESRCH.as_ret(),
-                    };
-                    let lost = if h.domain == 5 {
-                        3u64.saturating_sub(r.from)
-                    } else {
-                        0
-                    };
-                    let at = (r.from + lost - if h.domain == 5 { 3 } else { 0 }) as usize;
-                    let n = (r.len as usize).min(text.len().saturating_sub(at));
-                    let data = core::slice::from_raw_parts_mut(r.buffer as *mut u8, n);
-                    data.copy_from_slice(&text[at..at + n]);
-                    r.done = n as u32;
-                    r.lost = lost;
-                    r.next = r.from + lost + n as u64;
-                    r.encode(&mut b[16..]);
-                    n as i64
-                }
-                dc::MAX_MEM if h.domain == 5 => {
-                    assert_eq!(dc::MaxMem::decode(&b[16..]).unwrap().max_memkb, 2048);
+        mock::domctl(nr, a, |h, p, guest| match h.cmd {
+            dc::CONSOLE_READ => {
+                let mut r = dc::ConsoleRead::decode(p).unwrap();
+                assert!(r.len <= dc::CONSOLE_READ_MAX);
+                let text: &[u8] = match h.domain {
+                    5 => b"hello",
+                    shared_abi::domid::DOMID_XEN => b"log",
+                    _ => return XenError::ESRCH.as_ret(),
+                };
+                let lost = if h.domain == 5 {
+                    3u64.saturating_sub(r.from)
+                } else {
                     0
-                }
-                dc::MAX_MEM => XenError::ESRCH.as_ret(),
-                _ => XenError::ENOSYS.as_ret(),
+                };
+                let at = (r.from + lost - if h.domain == 5 { 3 } else { 0 }) as usize;
+                let n = (r.len as usize).min(text.len().saturating_sub(at));
+                let data = guest.bytes(r.buffer, n);
+                data.copy_from_slice(&text[at..at + n]);
+                r.done = n as u32;
+                r.lost = lost;
+                r.next = r.from + lost + n as u64;
+                r.encode(p);
+                n as i64
             }
-        }
+            dc::MAX_MEM if h.domain == 5 => {
+                assert_eq!(dc::MaxMem::decode(p).unwrap().max_memkb, 2048);
+                0
+            }
+            dc::MAX_MEM => XenError::ESRCH.as_ret(),
+            _ => XenError::ENOSYS.as_ret(),
+        })
     }
 
     /// Claims a count that does not match its offsets.

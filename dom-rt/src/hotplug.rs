@@ -30,12 +30,16 @@
 
 use alloc::collections::BTreeMap;
 use alloc::format;
+use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::cell::Cell;
 
 use shared_abi::xenbus::{StoreError, XenbusState, parse_decimal, path, read_state};
 
 use crate::front::{Released, XsStore, close_handshake};
+use crate::println;
+use crate::xenbus::{Transport, Xenbus};
 
 /// Most devices of one class tracked (more are ignored).
 pub const MAX_DEVICES: usize = 64;
@@ -127,6 +131,20 @@ impl DeviceWatch {
     /// The class directory (watch it in xenstore to learn when to poll).
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// Have `xb` flag each xenstore event on [`base`](Self::base): poll when the flag is
+    /// set (clearing it) and on a short backstop timer. The flag starts set (poll at once);
+    /// a watch that cannot be placed leaves the timer alone (`who` names the domain in the
+    /// message). Says `HOTPLUG <class> watching <base>`.
+    pub fn subscribe<T: Transport>(&self, xb: &mut Xenbus<T>, who: &str) -> Rc<Cell<bool>> {
+        let dirty = Rc::new(Cell::new(true));
+        let d = dirty.clone();
+        if let Err(e) = xb.watch(&self.base, move |_| d.set(true)) {
+            println!("{who}: watch {}: {e:?} (polling only)", self.base);
+        }
+        println!("HOTPLUG {} watching {}", self.class.name(), self.base);
+        dirty
     }
 
     /// Device ids currently tracked (present in the store, in any phase).
@@ -236,6 +254,29 @@ pub fn abandon<S: XsStore>(store: &mut S, frontend_dir: &str, rounds: u32) -> Re
         // No backend named: nothing to wait for.
         _ => close_handshake(store, frontend_dir, "", 0),
     }
+}
+
+/// The line a guest prints for a device it released:
+/// `HOTPLUG <class> <devid> released ended=<n> leaked=<n>`, then ` <dropped>=<n>` when
+/// operations in flight were dropped (the caller names them: `failed_ops`, `tx_dropped`),
+/// then ` timeout=<state>` when the backend did not answer in time (not said for a forced
+/// detach, where nobody is waited for).
+pub fn release_line(class: DeviceClass, devid: u32, r: &Released, dropped: &str) -> String {
+    let mut s = format!(
+        "HOTPLUG {} {devid} released ended={} leaked={}",
+        class.name(),
+        r.ended,
+        r.leaked
+    );
+    if r.dropped > 0 {
+        s.push_str(&format!(" {dropped}={}", r.dropped));
+    }
+    if let Err(crate::blkfront::BlkError::Timeout { waiting_for }) = r.result()
+        && !r.frontend_gone
+    {
+        s.push_str(&format!(" timeout={waiting_for}"));
+    }
+    s
 }
 
 #[cfg(test)]

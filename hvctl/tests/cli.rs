@@ -2,55 +2,24 @@
 //! a unix socket pair, speaking the real framed protocol.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
+mod common;
+
 use std::os::unix::net::UnixStream;
-use std::thread;
 use std::time::Duration;
 
 use clap::Parser;
 use ctl_dom::Server;
 use ctl_dom::fake::FakePlatform;
 use hvctl::client::{Client, ClientError};
+use hvctl::console::Input;
 use hvctl::{Cli, exit, run};
-
-/// Serve until the client hangs up.
-fn serve(mut s: UnixStream) {
-    let mut server = Server::new(FakePlatform::with_boot_domains());
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                let out = server.receive(&buf[..n]);
-                if s.write_all(&out).is_err() {
-                    return;
-                }
-            }
-        }
-    }
-}
 
 /// Run hvctl with `args` against a fresh fake system; (status, stdout, stderr).
 fn hv(args: &[&str]) -> (i32, String, String) {
-    let mut argv = vec!["hvctl"];
-    argv.extend_from_slice(args);
-    let cli = Cli::try_parse_from(argv).unwrap();
-    let (a, b) = UnixStream::pair().unwrap();
-    let t = thread::spawn(move || serve(b));
-    let mut a = Some(a);
-    let mut connect = |_: Option<&std::path::Path>, to: Duration| -> Result<Client, ClientError> {
-        Ok(Client::over(a.take().unwrap(), to))
-    };
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let status = run(cli, &mut connect, &mut out, &mut err);
-    // Hang up if the command never connected, so the server thread ends.
-    drop(a);
-    t.join().unwrap();
-    (
-        status,
-        String::from_utf8(out).unwrap(),
-        String::from_utf8(err).unwrap(),
-    )
+    common::hv_over(args, Input::Stdin, |s| {
+        let mut server = Server::new(FakePlatform::with_boot_domains());
+        common::serve(s, |req| server.receive(req));
+    })
 }
 
 /// The smallest x86-64 executable hvctl sends: a header, one PT_LOAD of 4 bytes, and a
@@ -121,13 +90,10 @@ fn create_from_config_prints_the_new_domid() {
 fn bad_config_exits_2_naming_the_field_and_sends_nothing() {
     let dir = config_dir("vcpus = 64\n");
     let cfg = dir.path().join("g.toml");
-    let cli = Cli::try_parse_from(["hvctl", "create", cfg.to_str().unwrap()]).unwrap();
-    let mut connect = |_: Option<&std::path::Path>, _: Duration| -> Result<Client, ClientError> {
-        panic!("a bad config must not reach the system")
-    };
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let st = run(cli, &mut connect, &mut out, &mut err);
-    let err = String::from_utf8(err).unwrap();
+    let (st, err) = common::hv_offline(
+        &["create", cfg.to_str().unwrap()],
+        "a bad config must not reach the system",
+    );
     assert_eq!(st, exit::USAGE);
     assert!(
         err.contains("vcpus") && err.contains("64") && err.contains("1..=32"),
@@ -180,13 +146,10 @@ fn a_kernel_that_is_not_a_loadable_elf_exits_2_and_sends_nothing() {
     k[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
     std::fs::write(dir.path().join("g.elf"), k).unwrap();
     let cfg = dir.path().join("g.toml");
-    let cli = Cli::try_parse_from(["hvctl", "create", cfg.to_str().unwrap()]).unwrap();
-    let mut connect = |_: Option<&std::path::Path>, _: Duration| -> Result<Client, ClientError> {
-        panic!("a bad kernel must not reach the system")
-    };
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let st = run(cli, &mut connect, &mut out, &mut err);
-    let err = String::from_utf8(err).unwrap();
+    let (st, err) = common::hv_offline(
+        &["create", cfg.to_str().unwrap()],
+        "a bad kernel must not reach the system",
+    );
     assert_eq!(st, exit::USAGE);
     assert!(
         err.contains("kernel") && err.contains("program header table"),
@@ -275,16 +238,8 @@ fn bad_arguments_exit_2_before_connecting() {
         &["block-attach", "x", "vol"],
         &["network-attach", "x", "mac=zz"],
     ] {
-        let cli = Cli::try_parse_from([&["hvctl"][..], args].concat()).unwrap();
-        let mut connect = |_: Option<&std::path::Path>,
-                           _: Duration|
-         -> Result<Client, ClientError> { panic!("must not connect") };
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        assert_eq!(
-            run(cli, &mut connect, &mut out, &mut err),
-            exit::USAGE,
-            "{args:?}"
-        );
+        let (st, _) = common::hv_offline(args, "must not connect");
+        assert_eq!(st, exit::USAGE, "{args:?}");
     }
 }
 

@@ -3,18 +3,16 @@
 //! input it is given as `echo: <line>` on its console, as pv-test-dom's `role=echo` does.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
+mod common;
+
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use ctl_dom::Server;
 use ctl_dom::fake::FakePlatform;
-use hvctl::client::{Client, ClientError};
 use hvctl::console::Input;
-use hvctl::{Cli, exit, run_with_input};
+use hvctl::exit;
 
 /// What the fake guests saw, for the test to check afterwards.
 #[derive(Default)]
@@ -24,60 +22,49 @@ struct Seen {
 
 /// Serve until the client hangs up; domain 2 echoes its input lines; `tick` runs on the
 /// platform before each batch (counters that move).
-fn serve(mut s: UnixStream, seen: Arc<Mutex<Seen>>, tick: fn(&mut FakePlatform)) {
+fn serve(s: UnixStream, seen: Arc<Mutex<Seen>>, tick: fn(&mut FakePlatform)) {
     let mut server = Server::new(FakePlatform::with_boot_domains());
     server
         .toolstack
         .platform
         .consoles
         .insert(2, b"blkback booted\n".to_vec());
-    let mut buf = [0u8; 8192];
     // Batches left before a domain that powered off is gone (its last words stay readable
     // for a moment, as until the hypervisor reaps it).
     let mut dying: Option<u32> = None;
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                tick(&mut server.toolstack.platform);
-                match dying {
-                    Some(0) => {
-                        server.toolstack.platform.domains.remove(&2);
-                    }
-                    Some(k) => dying = Some(k - 1),
-                    None => {}
-                }
-                let out = server.receive(&buf[..n]);
-                let p = &mut server.toolstack.platform;
-                // The "guest" reads whole lines of its input and answers them.
-                if dying.is_some() {
-                    // A domain powering off reads nothing more.
-                    if s.write_all(&out).is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                let input = p.console_input.entry(2).or_default();
-                while let Some(i) = input.iter().position(|&b| b == b'\n') {
-                    if dying.is_some() {
-                        break;
-                    }
-                    let line: Vec<u8> = input.drain(..=i).collect();
-                    seen.lock().unwrap().input.extend_from_slice(&line);
-                    let text = String::from_utf8_lossy(&line[..i]).into_owned();
-                    let con = p.consoles.entry(2).or_default();
-                    con.extend_from_slice(format!("echo: {text}\n").as_bytes());
-                    if text == "quit" && dying.is_none() {
-                        // It powers off: gone from the domain table soon.
-                        dying = Some(2);
-                    }
-                }
-                if s.write_all(&out).is_err() {
-                    return;
-                }
+    common::serve(s, |req| {
+        tick(&mut server.toolstack.platform);
+        match dying {
+            Some(0) => {
+                server.toolstack.platform.domains.remove(&2);
+            }
+            Some(k) => dying = Some(k - 1),
+            None => {}
+        }
+        let out = server.receive(req);
+        if dying.is_some() {
+            // A domain powering off reads nothing more.
+            return out;
+        }
+        // The "guest" reads whole lines of its input and answers them.
+        let p = &mut server.toolstack.platform;
+        let input = p.console_input.entry(2).or_default();
+        while let Some(i) = input.iter().position(|&b| b == b'\n') {
+            if dying.is_some() {
+                break;
+            }
+            let line: Vec<u8> = input.drain(..=i).collect();
+            seen.lock().unwrap().input.extend_from_slice(&line);
+            let text = String::from_utf8_lossy(&line[..i]).into_owned();
+            let con = p.consoles.entry(2).or_default();
+            con.extend_from_slice(format!("echo: {text}\n").as_bytes());
+            if text == "quit" {
+                // It powers off: gone from the domain table soon.
+                dying = Some(2);
             }
         }
-    }
+        out
+    });
 }
 
 fn no_tick(_: &mut FakePlatform) {}
@@ -88,32 +75,11 @@ fn hv_in(
     input: Input,
     tick: fn(&mut FakePlatform),
 ) -> (i32, String, String, Vec<u8>) {
-    let mut argv = vec!["hvctl"];
-    argv.extend_from_slice(args);
-    let cli = Cli::try_parse_from(argv).unwrap();
-    let (a, b) = UnixStream::pair().unwrap();
     let seen = Arc::new(Mutex::new(Seen::default()));
     let s2 = seen.clone();
-    let t = thread::spawn(move || serve(b, s2, tick));
-    let mut a = Some(a);
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let status = {
-        let mut connect =
-            |_: Option<&std::path::Path>, to: Duration| -> Result<Client, ClientError> {
-                Ok(Client::over(a.take().unwrap(), to))
-            };
-        run_with_input(cli, &mut connect, input, &mut out, &mut err)
-    };
-    // Hang up if the command never connected, so the server thread ends.
-    drop(a);
-    t.join().unwrap();
+    let (status, out, err) = common::hv_over(args, input, move |s| serve(s, s2, tick));
     let input = seen.lock().unwrap().input.clone();
-    (
-        status,
-        String::from_utf8(out).unwrap(),
-        String::from_utf8(err).unwrap(),
-        input,
-    )
+    (status, out, err, input)
 }
 
 fn reader(b: &'static [u8]) -> Input {

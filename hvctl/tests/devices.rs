@@ -3,20 +3,20 @@
 //! several hvctl runs, so a domain created first can be detached from.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use clap::Parser;
 use ctl_dom::Server;
-use ctl_dom::fake::{FakePlatform, Release};
-use hvctl::client::{Client, ClientError};
-use hvctl::{Cli, exit, run};
+use ctl_dom::fake::{FakePlatform, Release, guest_config};
+use hvctl::console::Input;
+use hvctl::{Cli, exit};
 use shared_abi::DomId;
-use shared_abi::domain_config::{DiskAccess, DiskSpec, DomainConfig, VifSpec};
-use shared_abi::mgmt::{DeviceInfo, DomainRef, Reply, RequestBody};
+use shared_abi::domain_config::DomainConfig;
+use shared_abi::mgmt::{DeviceInfo, Reply, RequestBody};
 
 #[derive(Clone)]
 struct Sys(Arc<Mutex<Server<FakePlatform>>>);
@@ -34,80 +34,31 @@ impl Sys {
 
     /// A guest `web` with disk xvda and vif 0.
     fn guest(&self) -> DomId {
-        let mut c = DomainConfig::new("web", 16384);
-        c.disks.push(DiskSpec {
-            target: "vol0".into(),
-            vdev: "xvda".into(),
-            access: DiskAccess::ReadWrite,
-            backend: None,
-        });
-        c.vifs.push(VifSpec {
-            mac: None,
-            ip: None,
-            rate_bytes_per_sec: None,
-            backend: None,
-        });
-        match self.handle(RequestBody::Create {
-            config: c,
-            kernel: b"\x7fELF-kernel".to_vec(),
-        }) {
-            Reply::Created { domid } => domid,
-            r => panic!("{r:?}"),
-        }
+        let mut server = self.0.lock().unwrap();
+        server.toolstack.create_fake(guest_config("web")).unwrap()
     }
 
     fn devices(&self, id: DomId) -> Vec<DeviceInfo> {
-        match self.handle(RequestBody::Info(DomainRef::Id(id))) {
-            Reply::Info(d) => d.devices,
-            r => panic!("{r:?}"),
-        }
+        self.0.lock().unwrap().toolstack.devices_of(id)
     }
 
     fn set_release(&self, r: Release) {
         self.0.lock().unwrap().toolstack.platform.release = r;
     }
 
-    /// Serve one connection, answering each request after `delay`.
-    fn serve(&self, mut s: UnixStream, delay: Duration) {
-        let mut buf = [0u8; 4096];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    let out = self.0.lock().unwrap().receive(&buf[..n]);
-                    if !out.is_empty() {
-                        thread::sleep(delay);
-                    }
-                    if s.write_all(&out).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Run hvctl with `args` against this system; (status, stdout, stderr).
+    /// Run hvctl with `args` against this system, each answer sent after `delay`;
+    /// (status, stdout, stderr).
     fn hv_slow(&self, args: &[&str], delay: Duration) -> (i32, String, String) {
-        let mut argv = vec!["hvctl"];
-        argv.extend_from_slice(args);
-        let cli = Cli::try_parse_from(argv).unwrap();
-        let (a, b) = UnixStream::pair().unwrap();
         let me = self.clone();
-        let t = thread::spawn(move || me.serve(b, delay));
-        let mut a = Some(a);
-        let mut connect =
-            |_: Option<&std::path::Path>, to: Duration| -> Result<Client, ClientError> {
-                Ok(Client::over(a.take().unwrap(), to))
-            };
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        let status = run(cli, &mut connect, &mut out, &mut err);
-        drop(a);
-        t.join().unwrap();
-        (
-            status,
-            String::from_utf8(out).unwrap(),
-            String::from_utf8(err).unwrap(),
-        )
+        common::hv_over(args, Input::Stdin, move |s| {
+            common::serve(s, |req| {
+                let out = me.0.lock().unwrap().receive(req);
+                if !out.is_empty() {
+                    thread::sleep(delay);
+                }
+                out
+            })
+        })
     }
 
     fn hv(&self, args: &[&str]) -> (i32, String, String) {
@@ -191,17 +142,8 @@ fn a_timeout_out_of_range_exits_2_before_connecting() {
         &["block-detach", "x", "xvdb", "--timeout", "301"],
         &["network-detach", "x", "0", "--timeout", "0"],
     ] {
-        let cli = Cli::try_parse_from([&["hvctl"][..], args].concat()).unwrap();
-        let mut connect = |_: Option<&std::path::Path>,
-                           _: Duration|
-         -> Result<Client, ClientError> { panic!("must not connect") };
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        assert_eq!(
-            run(cli, &mut connect, &mut out, &mut err),
-            exit::USAGE,
-            "{args:?}"
-        );
-        let err = String::from_utf8(err).unwrap();
+        let (st, err) = common::hv_offline(args, "must not connect");
+        assert_eq!(st, exit::USAGE, "{args:?}");
         assert!(err.contains("timeout") && err.contains("1..=300"), "{err}");
     }
 }
@@ -238,12 +180,7 @@ fn list_shows_the_memory_limit_a_domain_was_given() {
     let s = Sys::new();
     let mut c = DomainConfig::new("big", 16384);
     c.maxmem_kib = 65536;
-    let Reply::Created { domid } = s.handle(RequestBody::Create {
-        config: c,
-        kernel: b"\x7fELF-kernel".to_vec(),
-    }) else {
-        panic!()
-    };
+    let domid = s.0.lock().unwrap().toolstack.create_fake(c).unwrap();
     let (st, out, _) = s.hv(&["list"]);
     assert_eq!(st, exit::OK);
     assert!(out.lines().next().unwrap().contains("MaxMem"), "{out}");

@@ -237,14 +237,7 @@ impl NetbackXenbus {
     /// Closed, unless the backend directory is gone (a forced detach: writing `state` would
     /// re-create it).
     pub fn disconnected<S: Store>(&mut self, store: &mut S) -> Result<(), XenbusError> {
-        if self.dev.state() == XenbusState::Closed
-            || store
-                .read(&path(self.dev.backend_path(), "state"))?
-                .is_none()
-        {
-            return Ok(());
-        }
-        self.dev.switch(store, XenbusState::Closed)
+        self.dev.closed_unless_removed(store)
     }
 
     /// What became of the backend directory since the probe (the toolstack removed it, or

@@ -389,13 +389,23 @@ fn remove_dir(s: &mut MemStore, dir: &str) {
     s.nodes.retain(|k, _| !k.starts_with(&prefix));
 }
 
+/// The toolstack removes both directories (after a detach, or at once: a forced one).
+fn remove_both(s: &mut MemStore) {
+    remove_dir(s, BE);
+    remove_dir(s, FE);
+}
+
+/// libxl's detach: online = 0 and the backend's state Closing, written by the toolstack.
+fn toolstack_detach(s: &mut MemStore) {
+    s.write(&format!("{BE}/online"), "0").unwrap();
+    s.write(&format!("{BE}/state"), "5").unwrap();
+}
+
 #[test]
 fn toolstack_detach_of_a_connected_vif_closes_after_the_teardown_and_forgets_it() {
     let mut s = toolstack();
     let mut dev = connected_dev(&mut s);
-    // libxl's detach: online = 0, backend state Closing, written by the toolstack.
-    s.write(&format!("{BE}/online"), "0").unwrap();
-    s.write(&format!("{BE}/state"), "5").unwrap();
+    toolstack_detach(&mut s);
     assert_eq!(dev.backend_dir(&mut s), BackendDir::Unchanged);
     // The frontend answers Closed straight away (Linux's xenbus_frontend_closed).
     s.write(&format!("{FE}/state"), "6").unwrap();
@@ -412,8 +422,7 @@ fn toolstack_detach_of_a_connected_vif_closes_after_the_teardown_and_forgets_it(
 fn toolstack_detach_through_frontend_closing_then_closed() {
     let mut s = toolstack();
     let mut dev = connected_dev(&mut s);
-    s.write(&format!("{BE}/online"), "0").unwrap();
-    s.write(&format!("{BE}/state"), "5").unwrap();
+    toolstack_detach(&mut s);
     s.write(&format!("{FE}/state"), "5").unwrap();
     assert_eq!(dev.frontend_changed(&mut s).unwrap(), Action::Disconnect);
     s.write(&format!("{FE}/state"), "6").unwrap();
@@ -426,8 +435,7 @@ fn toolstack_detach_through_frontend_closing_then_closed() {
 fn forced_detach_removes_without_recreating_the_backend_directory() {
     let mut s = toolstack();
     let mut dev = connected_dev(&mut s);
-    remove_dir(&mut s, BE);
-    remove_dir(&mut s, FE);
+    remove_both(&mut s);
     assert_eq!(dev.backend_dir(&mut s), BackendDir::Gone);
     assert_eq!(dev.frontend_changed(&mut s).unwrap(), Action::Remove);
     dev.disconnected(&mut s).unwrap();
@@ -440,8 +448,7 @@ fn a_reattached_device_is_seen_as_recreated_and_probed_again() {
     let mut dev = connected_dev(&mut s);
     assert!(!backend_ready_to_probe(&mut s, BE));
     // Detached and attached again (same devid) before the backend looked.
-    remove_dir(&mut s, BE);
-    remove_dir(&mut s, FE);
+    remove_both(&mut s);
     let mut fresh = toolstack();
     for (k, v) in core::mem::take(&mut fresh.nodes) {
         s.write(&k, &v).unwrap();

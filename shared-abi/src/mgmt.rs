@@ -240,6 +240,22 @@ pub struct DomainIoStats {
     pub console_in_bytes: u64,
 }
 
+impl DomainIoStats {
+    /// Domain `domid`'s row from the hypervisor's answer to `DOMAIN_STATS` (the same
+    /// counters, named by the domain asked about).
+    pub fn from_hypervisor(domid: DomId, s: &crate::hypercall_args::domctl::DomainStats) -> Self {
+        DomainIoStats {
+            domid,
+            evtchn_sends: s.evtchn_sends,
+            grant_copy_bytes: s.grant_copy_bytes,
+            grant_copies_done: s.grant_copies_done,
+            grant_maps: s.grant_maps,
+            console_out_bytes: s.console_out_bytes,
+            console_in_bytes: s.console_in_bytes,
+        }
+    }
+}
+
 /// A device a domain has, as `info` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceInfo {
@@ -863,5 +879,21 @@ mod tests {
             let _ = decode_request(&p);
             let _ = decode_response(&p);
         }
+    }
+
+    #[test]
+    fn io_stats_carry_every_hypervisor_counter() {
+        let mut s = crate::hypercall_args::domctl::DomainStats::default();
+        (s.evtchn_sends, s.grant_copy_bytes, s.grant_copies_done) = (1, 2, 3);
+        (s.grant_maps, s.console_out_bytes, s.console_in_bytes) = (4, 5, 6);
+        let r = DomainIoStats::from_hypervisor(9, &s);
+        let got = [
+            r.evtchn_sends,
+            r.grant_copy_bytes,
+            r.grant_copies_done,
+            r.grant_maps,
+        ];
+        assert_eq!((r.domid, got), (9, [1, 2, 3, 4]));
+        assert_eq!((r.console_out_bytes, r.console_in_bytes), (5, 6));
     }
 }

@@ -498,6 +498,19 @@ impl BackendDevice {
         }
         Ok(())
     }
+
+    /// The driver tore the device down: go Closed, unless already Closed or the backend
+    /// directory is gone (a forced detach: writing `state` would re-create it).
+    pub fn closed_unless_removed<S: Store + ?Sized>(
+        &mut self,
+        store: &mut S,
+    ) -> Result<(), XenbusError> {
+        if self.state == XenbusState::Closed || store.read(&path(&self.backend, "state"))?.is_none()
+        {
+            return Ok(());
+        }
+        self.switch(store, XenbusState::Closed)
+    }
 }
 
 /// Whether the toolstack's backend directory `dir` may be probed: its `state` reads
@@ -694,6 +707,27 @@ mod tests {
         );
         assert_eq!(dev.state(), XenbusState::InitWait);
         assert!(s.nodes.is_empty());
+    }
+
+    #[test]
+    fn closed_after_teardown_unless_the_directory_is_gone() {
+        let mut s = toolstack();
+        let mut dev = BackendDevice::attach(&mut s, DIR).unwrap();
+        dev.switch(&mut s, XenbusState::InitWait).unwrap();
+        dev.closed_unless_removed(&mut s).unwrap();
+        assert_eq!(dev.state(), XenbusState::Closed);
+        assert_eq!(s.get(&path(DIR, "state")), Some("6"));
+        // Already Closed: nothing more is read or written.
+        dev.closed_unless_removed(&mut Broken).unwrap();
+
+        // A forced detach removed the directory: not re-created.
+        let mut s = toolstack();
+        let mut dev = BackendDevice::attach(&mut s, DIR).unwrap();
+        dev.switch(&mut s, XenbusState::InitWait).unwrap();
+        s.nodes.retain(|k, _| !k.starts_with(DIR));
+        dev.closed_unless_removed(&mut s).unwrap();
+        assert!(s.nodes.is_empty());
+        assert_eq!(dev.state(), XenbusState::InitWait);
     }
 
     #[test]

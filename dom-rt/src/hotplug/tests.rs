@@ -22,28 +22,61 @@ const HOME: &str = "/local/domain/7";
 const FE: &str = "/local/domain/7/device/vbd/51712";
 const BE: &str = "/local/domain/1/backend/vbd/7/51712";
 
-/// What ctl writes at `block-attach`.
-fn attach_vbd(s: &mut MemStore) {
-    s.set(&format!("{FE}/backend"), BE);
-    s.set(&format!("{FE}/backend-id"), "1");
-    s.set(&format!("{FE}/state"), "1");
-    s.set(&format!("{FE}/virtual-device"), "51712");
-    s.set(&format!("{FE}/device-type"), "disk");
-    s.set(&format!("{BE}/frontend"), FE);
-    s.set(&format!("{BE}/frontend-id"), "7");
-    s.set(&format!("{BE}/online"), "1");
-    s.set(&format!("{BE}/state"), "1");
+/// What ctl writes at `block-attach`/`network-attach` for frontend domain 7 and backend
+/// domain 1: both directories pointing at each other, Initialising, plus each side's
+/// class-specific keys.
+fn ctl_attach(s: &mut MemStore, fe: &str, be: &str, front: &[(&str, &str)], back: &[(&str, &str)]) {
+    s.set(&format!("{fe}/backend"), be);
+    s.set(&format!("{fe}/backend-id"), "1");
+    s.set(&format!("{fe}/state"), "1");
+    s.set(&format!("{be}/frontend"), fe);
+    s.set(&format!("{be}/frontend-id"), "7");
+    s.set(&format!("{be}/online"), "1");
+    s.set(&format!("{be}/state"), "1");
+    for (k, v) in front {
+        s.set(&format!("{fe}/{k}"), v);
+    }
+    for (k, v) in back {
+        s.set(&format!("{be}/{k}"), v);
+    }
 }
 
-/// What ctl writes first at `block-detach`.
-fn detach_vbd(s: &mut MemStore, be: &str) {
+/// What ctl writes at `block-attach`.
+fn attach_vbd(s: &mut MemStore) {
+    let front = [("virtual-device", "51712"), ("device-type", "disk")];
+    ctl_attach(s, FE, BE, &front, &[]);
+}
+
+/// What ctl writes first at a detach (as libxl does it).
+fn ctl_detach(s: &mut MemStore, be: &str) {
     s.set(&format!("{be}/online"), "0");
     s.set(&format!("{be}/state"), "5");
+}
+
+/// What ctl does last at a detach (or all at once at a forced one): both directories go.
+fn ctl_remove(s: &mut MemStore, fe: &str, be: &str) {
+    remove_dir(s, fe);
+    remove_dir(s, be);
 }
 
 fn remove_dir(s: &mut MemStore, dir: &str) {
     let prefix = format!("{dir}/");
     s.nodes.retain(|k, _| !k.starts_with(&prefix) && k != dir);
+}
+
+fn added(devid: u32, dir: &str) -> Vec<HotplugEvent> {
+    vec![HotplugEvent::Added {
+        devid,
+        dir: String::from(dir),
+    }]
+}
+
+fn backend_closing(devid: u32, dir: &str, state: XenbusState) -> Vec<HotplugEvent> {
+    vec![HotplugEvent::BackendClosing {
+        devid,
+        dir: String::from(dir),
+        state,
+    }]
 }
 
 /// The vbd backend as blkback behaves at the xenbus level: InitWait, Connected once the
@@ -135,6 +168,31 @@ impl BlkWorld {
     fn get(&self, k: &str) -> Option<String> {
         self.store.borrow().get(k).map(String::from)
     }
+
+    /// The `state` node under `dir`.
+    fn state(&self, dir: &str) -> Option<String> {
+        self.get(&format!("{dir}/state"))
+    }
+
+    fn attach(&self) {
+        attach_vbd(&mut self.store.borrow_mut());
+    }
+
+    fn detach(&self) {
+        ctl_detach(&mut self.store.borrow_mut(), BE);
+    }
+
+    fn remove(&self) {
+        ctl_remove(&mut self.store.borrow_mut(), FE, BE);
+    }
+
+    /// A watch on the vbds that has seen the disk attached, and its frontend connected.
+    fn attached(&self) -> (DeviceWatch, Blkfront<FakeGrants, FakeEvents>) {
+        let mut watch = DeviceWatch::new(HOME, DeviceClass::Vbd);
+        self.attach();
+        assert_eq!(watch.poll(&mut self.fs()), added(51712, FE));
+        (watch, self.connect(FE))
+    }
 }
 
 #[test]
@@ -146,18 +204,12 @@ fn a_disk_attached_while_running_is_announced_once_and_connects() {
     // A directory still being written (no state yet) is not announced.
     w.store.borrow_mut().set(&format!("{FE}/backend"), BE);
     assert!(watch.poll(&mut w.fs()).is_empty());
-    attach_vbd(&mut w.store.borrow_mut());
+    w.attach();
     let ev = watch.poll(&mut w.fs());
-    assert_eq!(
-        ev,
-        vec![HotplugEvent::Added {
-            devid: 51712,
-            dir: String::from(FE)
-        }]
-    );
+    assert_eq!(ev, added(51712, FE));
     let f = w.connect(FE);
     assert_eq!(f.info().devid, 51712);
-    assert_eq!(w.get(&format!("{FE}/state")).as_deref(), Some("4"));
+    assert_eq!(w.state(FE).as_deref(), Some("4"));
     // Connected and running: nothing more to say.
     assert!(watch.poll(&mut w.fs()).is_empty());
     assert!(watch.poll(&mut w.fs()).is_empty());
@@ -166,25 +218,15 @@ fn a_disk_attached_while_running_is_announced_once_and_connects() {
 #[test]
 fn a_toolstack_detach_releases_every_grant_and_the_backend_closes() {
     let w = BlkWorld::new();
-    let mut watch = DeviceWatch::new(HOME, DeviceClass::Vbd);
-    attach_vbd(&mut w.store.borrow_mut());
-    assert_eq!(watch.poll(&mut w.fs()).len(), 1);
-    let mut f = w.connect(FE);
+    let (mut watch, mut f) = w.attached();
     // One write answered, one left in flight (its pages still granted).
     let t = f.submit_write(0, &[0xAB; 4096]).unwrap();
     let _ = t;
     assert!(w.xen.borrow().live_grants(7) >= 2);
 
-    detach_vbd(&mut w.store.borrow_mut(), BE);
+    w.detach();
     let ev = watch.poll(&mut w.fs());
-    assert_eq!(
-        ev,
-        vec![HotplugEvent::BackendClosing {
-            devid: 51712,
-            dir: String::from(FE),
-            state: XenbusState::Closing
-        }]
-    );
+    assert_eq!(ev, backend_closing(51712, FE, XenbusState::Closing));
     // Only once.
     assert!(watch.poll(&mut w.fs()).is_empty());
 
@@ -204,63 +246,43 @@ fn a_toolstack_detach_releases_every_grant_and_the_backend_closes() {
         .map(|(_, v)| v.as_str())
         .collect();
     assert_eq!(writes, ["6"]);
-    assert_eq!(w.get(&format!("{BE}/state")).as_deref(), Some("6"));
+    assert_eq!(w.state(BE).as_deref(), Some("6"));
     assert_eq!(w.xen.borrow().live_grants(7), 0);
     watch.released(51712);
 
     // The toolstack removes both directories: nothing more for a released device.
-    remove_dir(&mut w.store.borrow_mut(), FE);
-    remove_dir(&mut w.store.borrow_mut(), BE);
+    w.remove();
     assert!(watch.poll(&mut w.fs()).is_empty());
     assert!(watch.devices().is_empty());
 
     // Attached again with the same device id: announced and connected again.
-    attach_vbd(&mut w.store.borrow_mut());
-    assert_eq!(
-        watch.poll(&mut w.fs()),
-        vec![HotplugEvent::Added {
-            devid: 51712,
-            dir: String::from(FE)
-        }]
-    );
+    w.attach();
+    assert_eq!(watch.poll(&mut w.fs()), added(51712, FE));
     let f = w.connect(FE);
-    assert_eq!(w.get(&format!("{FE}/state")).as_deref(), Some("4"));
+    assert_eq!(w.state(FE).as_deref(), Some("4"));
     drop(f);
 }
 
 #[test]
 fn a_device_recreated_between_two_polls_is_announced_again() {
     let w = BlkWorld::new();
-    let mut watch = DeviceWatch::new(HOME, DeviceClass::Vbd);
-    attach_vbd(&mut w.store.borrow_mut());
-    assert_eq!(watch.poll(&mut w.fs()).len(), 1);
-    let f = w.connect(FE);
-    detach_vbd(&mut w.store.borrow_mut(), BE);
+    let (mut watch, f) = w.attached();
+    w.detach();
     assert_eq!(watch.poll(&mut w.fs()).len(), 1);
     assert_eq!(f.release(&mut w.fs(), FE, 50).result(), Ok(()));
     watch.released(51712);
     // Removed and written again before the next poll.
-    remove_dir(&mut w.store.borrow_mut(), FE);
-    remove_dir(&mut w.store.borrow_mut(), BE);
-    attach_vbd(&mut w.store.borrow_mut());
-    assert_eq!(
-        watch.poll(&mut w.fs()),
-        vec![HotplugEvent::Added {
-            devid: 51712,
-            dir: String::from(FE)
-        }]
-    );
+    w.remove();
+    w.attach();
+    assert_eq!(watch.poll(&mut w.fs()), added(51712, FE));
 }
 
 #[test]
 fn a_backend_that_never_closes_times_out_and_leaks_only_what_it_maps() {
     let w = BlkWorld::new();
-    let mut watch = DeviceWatch::new(HOME, DeviceClass::Vbd);
-    attach_vbd(&mut w.store.borrow_mut());
-    assert_eq!(watch.poll(&mut w.fs()).len(), 1);
-    let f = w.connect(FE);
+    let (mut watch, f) = w.attached();
     w.back.borrow_mut().answer_close = false;
-    detach_vbd(&mut w.store.borrow_mut(), BE);
+    w.detach();
     assert_eq!(watch.poll(&mut w.fs()).len(), 1);
     let r = f.release(&mut w.fs(), FE, 30);
     assert!(r.backend_closing && !r.backend_closed, "{r:?}");
@@ -273,13 +295,13 @@ fn a_backend_that_never_closes_times_out_and_leaks_only_what_it_maps() {
     // The ring is still mapped by the hung backend: its grant stays (its page leaked).
     assert_eq!(r.leaked, 1);
     assert_eq!(w.xen.borrow().live_grants(7), 1);
-    assert_eq!(w.get(&format!("{FE}/state")).as_deref(), Some("6"));
+    assert_eq!(w.state(FE).as_deref(), Some("6"));
 }
 
 #[test]
 fn a_guest_close_of_a_silent_backend_times_out_waiting_for_closing() {
     let w = BlkWorld::new();
-    attach_vbd(&mut w.store.borrow_mut());
+    w.attach();
     let f = w.connect(FE);
     w.back.borrow_mut().answer_close = false;
     let r = f.release(&mut w.fs(), FE, 20);
@@ -290,19 +312,15 @@ fn a_guest_close_of_a_silent_backend_times_out_waiting_for_closing() {
             waiting_for: "Closing"
         })
     );
-    assert_eq!(w.get(&format!("{FE}/state")).as_deref(), Some("6"));
+    assert_eq!(w.state(FE).as_deref(), Some("6"));
 }
 
 #[test]
 fn a_device_directory_removed_under_the_frontend_is_released_without_writing_to_it() {
     let w = BlkWorld::new();
-    let mut watch = DeviceWatch::new(HOME, DeviceClass::Vbd);
-    attach_vbd(&mut w.store.borrow_mut());
-    assert_eq!(watch.poll(&mut w.fs()).len(), 1);
-    let f = w.connect(FE);
+    let (mut watch, f) = w.attached();
     // Forced detach: both directories go at once; the backend tears down on its own.
-    remove_dir(&mut w.store.borrow_mut(), FE);
-    remove_dir(&mut w.store.borrow_mut(), BE);
+    w.remove();
     w.back.borrow_mut().round();
     assert_eq!(
         watch.poll(&mut w.fs()),
@@ -323,33 +341,26 @@ fn a_device_directory_removed_under_the_frontend_is_released_without_writing_to_
 #[test]
 fn a_backend_directory_that_vanishes_is_a_backend_closing() {
     let w = BlkWorld::new();
-    let mut watch = DeviceWatch::new(HOME, DeviceClass::Vbd);
-    attach_vbd(&mut w.store.borrow_mut());
-    assert_eq!(watch.poll(&mut w.fs()).len(), 1);
-    let _f = w.connect(FE);
+    let (mut watch, _f) = w.attached();
     assert!(watch.poll(&mut w.fs()).is_empty());
     remove_dir(&mut w.store.borrow_mut(), BE);
     assert_eq!(
         watch.poll(&mut w.fs()),
-        vec![HotplugEvent::BackendClosing {
-            devid: 51712,
-            dir: String::from(FE),
-            state: XenbusState::Unknown
-        }]
+        backend_closing(51712, FE, XenbusState::Unknown)
     );
 }
 
 #[test]
 fn a_connect_that_fails_is_abandoned_cleanly() {
     let w = BlkWorld::new();
-    attach_vbd(&mut w.store.borrow_mut());
+    w.attach();
     // The toolstack detaches before the guest connected: the backend sits in Closing.
-    detach_vbd(&mut w.store.borrow_mut(), BE);
+    w.detach();
     let mut fs = w.fs();
     let r = abandon(&mut fs, FE, 20);
     assert!(r.backend_closing && r.backend_closed, "{r:?}");
-    assert_eq!(w.get(&format!("{FE}/state")).as_deref(), Some("6"));
-    assert_eq!(w.get(&format!("{BE}/state")).as_deref(), Some("6"));
+    assert_eq!(w.state(FE).as_deref(), Some("6"));
+    assert_eq!(w.state(BE).as_deref(), Some("6"));
 }
 
 #[test]
@@ -381,17 +392,10 @@ fn hostile_device_names_are_ignored() {
 const VFE: &str = "/local/domain/7/device/vif/0";
 const VBE: &str = "/local/domain/1/backend/vif/7/0";
 
+/// What ctl writes at `network-attach`.
 fn attach_vif(s: &mut MemStore) {
-    s.set(&format!("{VFE}/backend"), VBE);
-    s.set(&format!("{VFE}/backend-id"), "1");
-    s.set(&format!("{VFE}/state"), "1");
-    s.set(&format!("{VFE}/handle"), "0");
-    s.set(&format!("{VFE}/mac"), "00:16:3e:00:07:00");
-    s.set(&format!("{VBE}/frontend"), VFE);
-    s.set(&format!("{VBE}/frontend-id"), "7");
-    s.set(&format!("{VBE}/state"), "1");
-    s.set(&format!("{VBE}/mac"), "00:16:3e:00:07:00");
-    s.set(&format!("{VBE}/online"), "1");
+    let mac = ("mac", "00:16:3e:00:07:00");
+    ctl_attach(s, VFE, VBE, &[("handle", "0"), mac], &[mac]);
 }
 
 #[test]
@@ -409,13 +413,7 @@ fn a_vif_attached_while_running_connects_and_a_detach_releases_it() {
         .borrow_mut()
         .push(Backend::new(xen.clone(), store.clone(), 1, 7, VBE, VFE));
     let ev = watch.poll(&mut fs());
-    assert_eq!(
-        ev,
-        vec![HotplugEvent::Added {
-            devid: 0,
-            dir: String::from(VFE)
-        }]
-    );
+    assert_eq!(ev, added(0, VFE));
     let cfg = NetConfig {
         wait_rounds: 50,
         ..NetConfig::default()
@@ -436,19 +434,11 @@ fn a_vif_attached_while_running_connects_and_a_detach_releases_it() {
     f.send(&frame).unwrap();
     assert!(watch.poll(&mut fs()).is_empty());
 
-    // block-detach as libxl does it.
-    {
-        let mut s = store.borrow_mut();
-        s.set(&format!("{VBE}/online"), "0");
-        s.set(&format!("{VBE}/state"), "5");
-    }
+    // network-detach as libxl does it.
+    ctl_detach(&mut store.borrow_mut(), VBE);
     assert_eq!(
         watch.poll(&mut fs()),
-        vec![HotplugEvent::BackendClosing {
-            devid: 0,
-            dir: String::from(VFE),
-            state: XenbusState::Closing
-        }]
+        backend_closing(0, VFE, XenbusState::Closing)
     );
     let r = f.release(&mut fs());
     assert!(r.backend_closing && r.backend_closed, "{r:?}");
@@ -464,4 +454,37 @@ fn a_vif_attached_while_running_connects_and_a_detach_releases_it() {
     assert!(backends.borrow()[0].vif.is_none());
     watch.released(0);
     assert!(watch.poll(&mut fs()).is_empty());
+}
+
+#[test]
+fn release_lines_are_what_the_scenarios_match() {
+    let done = Released {
+        backend_closing: true,
+        backend_closed: true,
+        ended: 3,
+        ..Released::default()
+    };
+    assert_eq!(
+        release_line(DeviceClass::Vbd, 51712, &done, "failed_ops"),
+        "HOTPLUG vbd 51712 released ended=3 leaked=0"
+    );
+    let hung = Released {
+        backend_closing: true,
+        ended: 2,
+        leaked: 1,
+        dropped: 4,
+        ..Released::default()
+    };
+    assert_eq!(
+        release_line(DeviceClass::Vif, 0, &hung, "tx_dropped"),
+        "HOTPLUG vif 0 released ended=2 leaked=1 tx_dropped=4 timeout=Closed"
+    );
+    let forced = Released {
+        frontend_gone: true,
+        ..hung
+    };
+    assert_eq!(
+        release_line(DeviceClass::Vbd, 1, &forced, "failed_ops"),
+        "HOTPLUG vbd 1 released ended=2 leaked=1 failed_ops=4"
+    );
 }

@@ -38,6 +38,17 @@ fn hotplug_line(
         .unwrap_or_default())
 }
 
+/// Write `<cfgs>/<name>.toml` (domain `name`, `kernel`, then `rest`) and create it.
+fn create(sock: &Path, cfgs: &Path, name: &str, kernel: &Path, rest: &str) -> Result<(), String> {
+    let body = format!(
+        "name = {name:?}\nkernel = {:?}\n{rest}",
+        kernel.display().to_string()
+    );
+    let path = config(cfgs, name, &body)?;
+    created(&hvctl(sock, &["create", path.to_str().unwrap_or("?")]))?;
+    Ok(())
+}
+
 /// The devices `hvctl info <dom> --json` lists, as `(kind, devid)`.
 fn devices(sock: &Path, dom: &str) -> Result<Vec<(String, u64)>, String> {
     let r = hvctl(sock, &["info", dom, "--json"]).ok(&format!("info {dom}"))?;
@@ -56,15 +67,13 @@ pub fn drive(sock: &Path, cfgs: &Path, g: &Guests, lines: &Lines) -> Result<(), 
     // 7. A disk at create, a second attached while the guest runs, both written and read
     //    back; xvdb detached (released by the guest) and attached again.
     let t = Instant::now();
-    let hot = config(
+    create(
+        sock,
         cfgs,
         "hotdisk",
-        &format!(
-            "name = \"hotdisk\"\nkernel = {:?}\nmemory = 16\ncmdline = \"role=hotplug\"\ndisk = [\"ram:a,xvda,w\"]\n",
-            g.blk.display().to_string()
-        ),
+        &g.blk,
+        "memory = 16\ncmdline = \"role=hotplug\"\ndisk = [\"ram:a,xvda,w\"]\n",
     )?;
-    created(&hvctl(sock, &["create", hot.to_str().unwrap_or("?")]))?;
     let l = hotplug_line(lines, t, "hotdisk", &format!("vbd {XVDA} connected"), quick)?;
     check(l.contains("verified="), || format!("xvda: {l}"))?;
     let t = Instant::now();
@@ -90,15 +99,13 @@ pub fn drive(sock: &Path, cfgs: &Path, g: &Guests, lines: &Lines) -> Result<(), 
     // 8. A guest that does not release its disk: the detach times out, says so and leaves
     //    the disk attached; --force removes it.
     let t = Instant::now();
-    let stubborn = config(
+    create(
+        sock,
         cfgs,
         "stubborn",
-        &format!(
-            "name = \"stubborn\"\nkernel = {:?}\nmemory = 16\ncmdline = \"role=hotplug refuse_detach\"\ndisk = [\"ram:s,xvda,w\"]\n",
-            g.blk.display().to_string()
-        ),
+        &g.blk,
+        "memory = 16\ncmdline = \"role=hotplug refuse_detach\"\ndisk = [\"ram:s,xvda,w\"]\n",
     )?;
-    created(&hvctl(sock, &["create", stubborn.to_str().unwrap_or("?")]))?;
     hotplug_line(
         lines,
         t,
@@ -130,15 +137,13 @@ pub fn drive(sock: &Path, cfgs: &Path, g: &Guests, lines: &Lines) -> Result<(), 
 
     // 9. A vif attached to a running guest, used (ping the peer), detached.
     let t = Instant::now();
-    let hotnet = config(
+    create(
+        sock,
         cfgs,
         "hotnet",
-        &format!(
-            "name = \"hotnet\"\nkernel = {:?}\nmemory = 32\ncmdline = \"role=hotplug ip=10.0.0.9/24 peer=10.0.0.2\"\n",
-            g.net.display().to_string()
-        ),
+        &g.net,
+        "memory = 32\ncmdline = \"role=hotplug ip=10.0.0.9/24 peer=10.0.0.2\"\n",
     )?;
-    created(&hvctl(sock, &["create", hotnet.to_str().unwrap_or("?")]))?;
     hvctl(
         sock,
         &[

@@ -244,15 +244,7 @@ impl Platform for Hv {
 
     fn domain_stats(&mut self, domid: DomId) -> Result<shared_abi::mgmt::DomainIoStats, XenError> {
         let s = domctl::domain_stats(domid)?;
-        Ok(shared_abi::mgmt::DomainIoStats {
-            domid,
-            evtchn_sends: s.evtchn_sends,
-            grant_copy_bytes: s.grant_copy_bytes,
-            grant_copies_done: s.grant_copies_done,
-            grant_maps: s.grant_maps,
-            console_out_bytes: s.console_out_bytes,
-            console_in_bytes: s.console_in_bytes,
-        })
+        Ok(shared_abi::mgmt::DomainIoStats::from_hypervisor(domid, &s))
     }
 
     fn xs_introduce(&mut self, domid: DomId) -> Result<(), XenError> {

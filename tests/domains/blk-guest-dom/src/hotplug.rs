@@ -23,16 +23,14 @@
 
 use alloc::collections::BTreeMap;
 use alloc::format;
-use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
-use core::cell::Cell;
 
 use dom_rt::blkfront::domain::{DomainEvents, DomainGrants, XenbusStore};
 use dom_rt::blkfront::{Blkfront, FrontConfig, Tag};
 use dom_rt::front::Released;
-use dom_rt::hotplug::{DeviceClass, DeviceWatch, HotplugEvent, abandon};
+use dom_rt::hotplug::{self, DeviceClass, DeviceWatch, HotplugEvent, abandon};
 use dom_rt::xenbus::Tx;
 use dom_rt::{StartInfo, println, time};
 
@@ -112,19 +110,7 @@ fn verify(f: &mut Front, seed: u64) -> Result<usize, String> {
 }
 
 fn release_line(devid: u32, r: &Released) -> String {
-    let mut s = format!(
-        "HOTPLUG vbd {devid} released ended={} leaked={}",
-        r.ended, r.leaked
-    );
-    if r.dropped > 0 {
-        s.push_str(&format!(" failed_ops={}", r.dropped));
-    }
-    if let Err(dom_rt::blkfront::BlkError::Timeout { waiting_for }) = r.result()
-        && !r.frontend_gone
-    {
-        s.push_str(&format!(" timeout={waiting_for}"));
-    }
-    s
+    hotplug::release_line(DeviceClass::Vbd, devid, r, "failed_ops")
 }
 
 pub fn run(si: &'static StartInfo, xb: &mut Bus, cmdline: &str) {
@@ -134,12 +120,7 @@ pub fn run(si: &'static StartInfo, xb: &mut Bus, cmdline: &str) {
     let refuse = cmdline.split_whitespace().any(|w| w == "refuse_detach");
     let seed: u64 = num(cmdline, "seed").unwrap_or(0x407_9106);
     let mut watch = DeviceWatch::new(&home, DeviceClass::Vbd);
-    let dirty = Rc::new(Cell::new(true));
-    let d = dirty.clone();
-    if let Err(e) = xb.watch(watch.base(), move |_| d.set(true)) {
-        println!("blk-guest: watch {}: {e:?} (polling only)", watch.base());
-    }
-    println!("HOTPLUG vbd watching {}", watch.base());
+    let dirty = watch.subscribe(xb, "blk-guest");
     let mut fronts: BTreeMap<u32, (Front, String)> = BTreeMap::new();
     let mut refused: Vec<u32> = Vec::new();
     let mut released = 0u32;

@@ -23,12 +23,10 @@
 
 use alloc::collections::VecDeque;
 use alloc::format;
-use alloc::rc::Rc;
 use alloc::string::String;
-use core::cell::Cell;
 
 use dom_rt::front::{Released, XenbusStore};
-use dom_rt::hotplug::{DeviceClass, DeviceWatch, HotplugEvent, abandon};
+use dom_rt::hotplug::{self, DeviceClass, DeviceWatch, HotplugEvent, abandon};
 use dom_rt::xenbus::Tx;
 use dom_rt::{StartInfo, println, time};
 use smoltcp::wire::Ipv4Address;
@@ -42,19 +40,7 @@ use crate::wire::{fmt_mac, parse_cidr, parse_ip};
 const POLL_NS: u64 = 50 * MS;
 
 fn release_line(devid: u32, r: &Released) -> String {
-    let mut s = format!(
-        "HOTPLUG vif {devid} released ended={} leaked={}",
-        r.ended, r.leaked
-    );
-    if r.dropped > 0 {
-        s.push_str(&format!(" tx_dropped={}", r.dropped));
-    }
-    if let Err(dom_rt::blkfront::BlkError::Timeout { waiting_for }) = r.result()
-        && !r.frontend_gone
-    {
-        s.push_str(&format!(" timeout={waiting_for}"));
-    }
-    s
+    hotplug::release_line(DeviceClass::Vif, devid, r, "tx_dropped")
 }
 
 /// What the loop does next with the vif it holds.
@@ -78,12 +64,7 @@ pub fn run(si: &'static StartInfo, xb: &mut Bus, cmdline: &str) {
     let refuse = cmdline.split_whitespace().any(|w| w == "refuse_detach");
     let shutdown_node = format!("{home}/control/shutdown");
     let mut watch = DeviceWatch::new(&home, DeviceClass::Vif);
-    let dirty = Rc::new(Cell::new(true));
-    let d = dirty.clone();
-    if let Err(e) = xb.watch(watch.base(), move |_| d.set(true)) {
-        println!("net-guest: watch {}: {e:?} (polling only)", watch.base());
-    }
-    println!("HOTPLUG vif watching {}", watch.base());
+    let dirty = watch.subscribe(xb, "net-guest");
     // Vifs attached and not yet connected (one at a time is served).
     let mut queue: VecDeque<(u32, String)> = VecDeque::new();
     let mut released = 0u32;
