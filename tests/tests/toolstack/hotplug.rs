@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tests::toolstack::{Lines, config, created, hvctl, wait_line_after};
+use tests::toolstack::{Lines, config, created, hvctl, names, wait_line_after};
 
 use super::{Guests, check};
 
@@ -39,14 +39,13 @@ fn hotplug_line(
 }
 
 /// Write `<cfgs>/<name>.toml` (domain `name`, `kernel`, then `rest`) and create it.
-fn create(sock: &Path, cfgs: &Path, name: &str, kernel: &Path, rest: &str) -> Result<(), String> {
+fn create(sock: &Path, cfgs: &Path, name: &str, kernel: &Path, rest: &str) -> Result<u16, String> {
     let body = format!(
         "name = {name:?}\nkernel = {:?}\n{rest}",
         kernel.display().to_string()
     );
     let path = config(cfgs, name, &body)?;
-    created(&hvctl(sock, &["create", path.to_str().unwrap_or("?")]))?;
-    Ok(())
+    created(&hvctl(sock, &["create", path.to_str().unwrap_or("?")]))
 }
 
 /// The devices `hvctl info <dom> --json` lists, as `(kind, devid)`.
@@ -67,7 +66,7 @@ pub fn drive(sock: &Path, cfgs: &Path, g: &Guests, lines: &Lines) -> Result<(), 
     // 7. A disk at create, a second attached while the guest runs, both written and read
     //    back; xvdb detached (released by the guest) and attached again.
     let t = Instant::now();
-    create(
+    let hotdisk = create(
         sock,
         cfgs,
         "hotdisk",
@@ -192,9 +191,22 @@ pub fn drive(sock: &Path, cfgs: &Path, g: &Guests, lines: &Lines) -> Result<(), 
         format!("bad requests changed hotdisk's devices: {before:?} -> {after:?}")
     })?;
 
-    // 11. Gone with their devices: ctl removes the homes.
-    for n in ["hotdisk", "hotnet"] {
-        hvctl(sock, &["destroy", n]).ok(&format!("destroy {n}"))?;
-    }
+    // 11. `shutdown` a guest with two disks: its policy (destroy) applies, ctl removes its
+    //    home and devices, it is gone from `list`.
+    let t = Instant::now();
+    hvctl(sock, &["shutdown", "hotdisk"]).ok("shutdown hotdisk")?;
+    wait_line_after(lines, Some(t), quick, |l| {
+        l.contains(&format!("ctl: domain {hotdisk} died: poweroff; destroyed"))
+    })
+    .ok_or("ctl did not apply hotdisk's on_poweroff")?;
+    wait_line_after(lines, Some(t), quick, |l| {
+        l.contains(&format!("ctl: xenstore /local/domain/{hotdisk} removed"))
+    })
+    .ok_or("hotdisk's xenstore home was not removed")?;
+    let now = names(sock)?;
+    check(!now.iter().any(|n| n == "hotdisk"), || {
+        format!("hotdisk still listed after shutdown: {now:?}")
+    })?;
+    hvctl(sock, &["destroy", "hotnet"]).ok("destroy hotnet")?;
     Ok(())
 }
