@@ -145,6 +145,32 @@ pub fn wait_line_after(
     }
 }
 
+/// Domain `id` (`name`) powered off (at or after `since`, within `within`) and ctl applied
+/// `on_poweroff = "destroy"`: the death logged, its xenstore home removed (that line may come
+/// first), and it is gone from `list`.
+pub fn destroyed_on_poweroff(
+    sock: &Path,
+    lines: &Lines,
+    since: Option<Instant>,
+    within: Duration,
+    id: u16,
+    name: &str,
+) -> Result<(), String> {
+    wait_line_after(lines, since, within, |l| {
+        l.contains(&format!("ctl: domain {id} died: poweroff; destroyed"))
+    })
+    .ok_or_else(|| format!("ctl did not apply {name}'s on_poweroff"))?;
+    wait_line_after(lines, since, Duration::from_secs(5), |l| {
+        l.contains(&format!("ctl: xenstore /local/domain/{id} removed"))
+    })
+    .ok_or_else(|| format!("{name}'s xenstore home was not removed"))?;
+    let now = names(sock)?;
+    if now.iter().any(|n| n == name) {
+        return Err(format!("{name} still listed after it powered off: {now:?}"));
+    }
+    Ok(())
+}
+
 /// Write a domain config `<dir>/<name>.toml` and return its path.
 pub fn config(dir: &Path, name: &str, body: &str) -> Result<PathBuf, String> {
     let p = dir.join(format!("{name}.toml"));

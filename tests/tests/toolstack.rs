@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use bulkhead_build::outcome::Outcome;
 use tests::Scenario;
-use tests::toolstack::{Lines, created, hvctl, names, on_toolstack_system, wait_line};
+use tests::toolstack::{
+    Lines, created, destroyed_on_poweroff, hvctl, names, on_toolstack_system, wait_line,
+};
 
 #[path = "toolstack/hotplug.rs"]
 mod hotplug;
@@ -173,18 +175,7 @@ fn drive_steps(
     .ok_or("no greeting from the created hello-rt")?;
     fig.create_ms = greeted.saturating_duration_since(t0).as_secs_f64() * 1e3;
     // It powers off on its own: ctl applies on_poweroff = destroy and removes its home.
-    wait_line(lines, Duration::from_secs(20), |l| {
-        l.contains(&format!("ctl: domain {id} died: poweroff; destroyed"))
-    })
-    .ok_or("ctl did not apply hello-rt's on_poweroff")?;
-    wait_line(lines, Duration::from_secs(5), |l| {
-        l.contains(&format!("ctl: xenstore /local/domain/{id} removed"))
-    })
-    .ok_or("hello-rt's xenstore home was not removed")?;
-    let after = names(sock)?;
-    check(!after.iter().any(|n| n == "hello-rt"), || {
-        format!("hello-rt still listed: {after:?}")
-    })?;
+    destroyed_on_poweroff(sock, lines, None, Duration::from_secs(20), id, "hello-rt")?;
 
     // 3. A guest that stays: listed, then destroyed by hvctl.
     let sleeper = cfgs.join("sleeper.toml");

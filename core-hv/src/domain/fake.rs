@@ -359,3 +359,82 @@ pub fn domctl(
     }
     (r, out)
 }
+
+/// Domain `dom`, running on `cpu`, binds `virq` on vCPU 0 through the event-channel
+/// hypercall (argument at `arg` in its memory): the port it got.
+pub fn bind_virq(
+    env: &mut Env,
+    hv: &mut super::hypervisor::Hypervisor,
+    dom: shared_abi::DomId,
+    cpu: usize,
+    arg: u64,
+    virq: u32,
+) -> u32 {
+    use shared_abi::event_channel::{EvtchnBindVirq, op};
+    let b = EvtchnBindVirq {
+        virq,
+        vcpu: 0,
+        port: 0,
+    }
+    .to_bytes();
+    super::guest_memory::GuestMemory::new(address_space(hv, dom), &env.phys)
+        .copy_to_guest(arg, &b)
+        .expect("bind_virq argument in the caller's memory");
+    let r = hv
+        .hypercall(
+            &mut env.platform(),
+            cpu,
+            shared_abi::hypercall::EVENT_CHANNEL_OP,
+            [u64::from(op::BIND_VIRQ), arg, 0, 0, 0],
+        )
+        .ret;
+    assert_eq!(r, 0, "bind_virq({virq}) refused");
+    let mut out = alloc::vec![0u8; b.len()];
+    super::guest_memory::GuestMemory::new(address_space(hv, dom), &env.phys)
+        .copy_from_guest(arg, &mut out)
+        .expect("bind_virq argument readable");
+    EvtchnBindVirq::from_bytes(&out)
+        .expect("a whole EvtchnBindVirq")
+        .port
+}
+
+fn address_space(hv: &super::hypervisor::Hypervisor, dom: shared_abi::DomId) -> &dyn AddressSpace {
+    let a = hv.domains.get(dom).and_then(|d| d.aspace.as_deref());
+    a.expect("the domain has an address space")
+}
+
+/// Where `port`'s bit lies in `dom`'s shared-info page: the frame and the byte offset of
+/// its 64-bit `evtchn_pending` word.
+fn pending_word(
+    hv: &super::hypervisor::Hypervisor,
+    dom: shared_abi::DomId,
+    port: u32,
+) -> (Mfn, usize) {
+    let si = hv.domains.get(dom).expect("a live domain").shared_info;
+    let words = core::mem::offset_of!(shared_abi::shared_info::SharedInfo, evtchn_pending);
+    (si, words + (port as usize / 64) * 8)
+}
+
+/// Is `port` pending in `dom`'s shared info?
+pub fn event_pending(
+    env: &Env,
+    hv: &super::hypervisor::Hypervisor,
+    dom: shared_abi::DomId,
+    port: u32,
+) -> bool {
+    let (si, at) = pending_word(hv, dom, port);
+    let mut w = [0u8; 8];
+    env.phys.read(si, at, &mut w);
+    u64::from_le_bytes(w) & (1 << (port % 64)) != 0
+}
+
+/// Clear the pending word holding `port` in `dom`'s shared info (as the guest would).
+pub fn clear_pending(
+    env: &Env,
+    hv: &super::hypervisor::Hypervisor,
+    dom: shared_abi::DomId,
+    port: u32,
+) {
+    let (si, at) = pending_word(hv, dom, port);
+    env.phys.write(si, at, &[0u8; 8]);
+}

@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tests::toolstack::{Lines, config, created, hvctl, names, wait_line_after};
+use tests::toolstack::{Lines, config, created, destroyed_on_poweroff, hvctl, wait_line_after};
 
 use super::{Guests, check};
 
@@ -195,18 +195,7 @@ pub fn drive(sock: &Path, cfgs: &Path, g: &Guests, lines: &Lines) -> Result<(), 
     //    home and devices, it is gone from `list`.
     let t = Instant::now();
     hvctl(sock, &["shutdown", "hotdisk"]).ok("shutdown hotdisk")?;
-    wait_line_after(lines, Some(t), quick, |l| {
-        l.contains(&format!("ctl: domain {hotdisk} died: poweroff; destroyed"))
-    })
-    .ok_or("ctl did not apply hotdisk's on_poweroff")?;
-    wait_line_after(lines, Some(t), quick, |l| {
-        l.contains(&format!("ctl: xenstore /local/domain/{hotdisk} removed"))
-    })
-    .ok_or("hotdisk's xenstore home was not removed")?;
-    let now = names(sock)?;
-    check(!now.iter().any(|n| n == "hotdisk"), || {
-        format!("hotdisk still listed after shutdown: {now:?}")
-    })?;
+    destroyed_on_poweroff(sock, lines, Some(t), quick, hotdisk, "hotdisk")?;
     hvctl(sock, &["destroy", "hotnet"]).ok("destroy hotnet")?;
     Ok(())
 }

@@ -69,7 +69,7 @@ mod tests {
     use shared_abi::capability::Capabilities;
     use shared_abi::domain_config::LifecycleAction;
     use shared_abi::errno::XenError;
-    use shared_abi::event_channel::{EvtchnBindVirq, op as eop, virq};
+    use shared_abi::event_channel::virq;
     use shared_abi::hypercall as hc;
     use shared_abi::hypercall_args::Wire;
     use shared_abi::hypercall_args::domctl::{self as dc, BootDomain, DomctlHeader};
@@ -83,7 +83,6 @@ mod tests {
     use crate::domain::fake::{self, Env};
     use crate::domain::guest_memory::GuestMemory;
     use crate::domain::hypervisor::{HvConfig, Hypervisor};
-    use crate::domain::memory::PhysMem;
     use crate::domain::{Domain, DomainState, ExitReason, ShutdownReason};
 
     const ARG: u64 = HEAP_BASE;
@@ -200,51 +199,6 @@ mod tests {
         (r, BootDomain::decode(&out[16..]).unwrap())
     }
 
-    /// `dom` binds `VIRQ_DOM_EXC` through the hypercall; its port.
-    fn bind_dom_exc(env: &mut Env, hv: &mut Hypervisor, dom: DomId) -> u32 {
-        let b = EvtchnBindVirq {
-            virq: virq::DOM_EXC,
-            vcpu: 0,
-            port: 0,
-        }
-        .to_bytes();
-        let a = hv.domains.get(dom).unwrap().aspace.as_deref().unwrap();
-        GuestMemory::new(a, &env.phys)
-            .copy_to_guest(ARG, &b)
-            .unwrap();
-        let r = hv
-            .hypercall(
-                &mut env.platform(),
-                0,
-                hc::EVENT_CHANNEL_OP,
-                [u64::from(eop::BIND_VIRQ), ARG, 0, 0, 0],
-            )
-            .ret;
-        assert_eq!(r, 0);
-        let a = hv.domains.get(dom).unwrap().aspace.as_deref().unwrap();
-        let mut out = alloc::vec![0u8; b.len()];
-        GuestMemory::new(a, &env.phys)
-            .copy_from_guest(ARG, &mut out)
-            .unwrap();
-        EvtchnBindVirq::from_bytes(&out).unwrap().port
-    }
-
-    fn pending_word(hv: &Hypervisor, dom: DomId, port: u32) -> (crate::domain::memory::Mfn, usize) {
-        let si = hv.domains.get(dom).unwrap().shared_info;
-        (si, 0x800 + (port as usize / 64) * 8)
-    }
-
-    fn pending(env: &Env, hv: &Hypervisor, dom: DomId, port: u32) -> bool {
-        let (si, at) = pending_word(hv, dom, port);
-        let w = env.frame_bytes(si, at, 8);
-        u64::from_le_bytes(w.try_into().unwrap()) & (1 << (port % 64)) != 0
-    }
-
-    fn clear_pending(env: &Env, hv: &Hypervisor, dom: DomId, port: u32) {
-        let (si, at) = pending_word(hv, dom, port);
-        env.phys.write(si, at, &[0u8; 8]);
-    }
-
     fn by_index(i: u32) -> BootDomain {
         BootDomain {
             index: i,
@@ -321,9 +275,9 @@ mod tests {
     #[test]
     fn a_crashed_driver_domain_is_rebuilt_with_a_new_id_and_its_devices() {
         let (mut env, mut hv) = system(false);
-        let port = bind_dom_exc(&mut env, &mut hv, 1);
+        let port = fake::bind_virq(&mut env, &mut hv, 1, 0, ARG, virq::DOM_EXC);
         hv.crash(&mut env.platform(), 3);
-        clear_pending(&env, &hv, 1, port);
+        fake::clear_pending(&env, &hv, 1, port);
         assert!(!hv.domains.get(3).unwrap().state().is_alive());
         let before = BUILT.lock().len();
         let (r, b) = call(
@@ -344,7 +298,7 @@ mod tests {
         assert_eq!((e.domid, e.rebuilds), (Some(5), 1));
         // The control domain hears of it (and so does a xenstore domain, which then finds
         // the new domain's offered port by listing).
-        assert!(pending(&env, &hv, 1, port));
+        assert!(fake::event_pending(&env, &hv, 1, port));
         // Running again: a second rebuild is refused.
         let (r, _) = call(&mut env, &mut hv, 1, dc::REBUILD_BOOT_DOMAIN, by_index(2));
         assert_eq!(r, XenError::EBUSY.as_ret());

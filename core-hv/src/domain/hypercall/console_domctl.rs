@@ -132,7 +132,7 @@ mod tests {
     use shared_abi::capability::Capabilities;
     use shared_abi::domid::{DOMID_SELF, DOMID_XEN};
     use shared_abi::errno::XenError;
-    use shared_abi::event_channel::{EvtchnBindVirq, op as eop, virq};
+    use shared_abi::event_channel::virq;
     use shared_abi::hypercall::{self as hc, console_io};
     use shared_abi::hypercall_args::Wire;
     use shared_abi::hypercall_args::domctl::{
@@ -402,41 +402,12 @@ mod tests {
         (r, data)
     }
 
-    /// Domain 1 binds `VIRQ_CONSOLE`; its port.
-    fn bind_console_virq(env: &mut Env, hv: &mut Hypervisor) -> u32 {
-        let b = EvtchnBindVirq {
-            virq: virq::CONSOLE,
-            vcpu: 0,
-            port: 0,
-        }
-        .to_bytes();
-        mem(env, hv, 1).copy_to_guest(ARG, &b).unwrap();
-        let r = hv
-            .hypercall(
-                &mut env.platform(),
-                0,
-                hc::EVENT_CHANNEL_OP,
-                [u64::from(eop::BIND_VIRQ), ARG, 0, 0, 0],
-            )
-            .ret;
-        assert_eq!(r, 0);
-        let mut out = alloc::vec![0u8; b.len()];
-        mem(env, hv, 1).copy_from_guest(ARG, &mut out).unwrap();
-        EvtchnBindVirq::from_bytes(&out).unwrap().port
-    }
-
-    fn pending(env: &Env, hv: &Hypervisor, dom: DomId, port: u32) -> bool {
-        let si = hv.domains.get(dom).unwrap().shared_info;
-        let w = env.frame_bytes(si, 0x800 + (port as usize / 64) * 8, 8);
-        u64::from_le_bytes(w.try_into().unwrap()) & (1 << (port % 64)) != 0
-    }
-
     #[test]
     fn console_input_reaches_the_domain_and_raises_virq_console() {
         let (mut env, mut hv) = system(Capabilities::DOMAIN_CONTROL);
         // Domain 1 is the one running here, so it plays the guest reading its own input.
-        let port = bind_console_virq(&mut env, &mut hv);
-        assert!(!pending(&env, &hv, 1, port));
+        let port = fake::bind_virq(&mut env, &mut hv, 1, 0, ARG, virq::CONSOLE);
+        assert!(!fake::event_pending(&env, &hv, 1, port));
         assert_eq!(
             guest_read(&mut env, &mut hv, 64),
             (0, Vec::new()),
@@ -446,7 +417,10 @@ mod tests {
             cwrite(&mut env, &mut hv, DOMID_SELF, wreq(9), b"hi there\n"),
             (9, 9)
         );
-        assert!(pending(&env, &hv, 1, port), "VIRQ_CONSOLE raised");
+        assert!(
+            fake::event_pending(&env, &hv, 1, port),
+            "VIRQ_CONSOLE raised"
+        );
         assert_eq!(guest_read(&mut env, &mut hv, 3), (3, b"hi ".to_vec()));
         assert_eq!(
             guest_read(&mut env, &mut hv, u64::MAX),
