@@ -43,7 +43,7 @@ use shared_abi::domain_config::{
 use shared_abi::errno::XenError;
 use shared_abi::mgmt::{
     DeviceInfo, DomainDetail, DomainRef, DomainSummary, MAX_CHUNK, MgmtError, Reply, RequestBody,
-    RunState,
+    RunState, ShutdownPath,
 };
 
 pub use server::Server;
@@ -262,30 +262,8 @@ impl<P: Platform> Toolstack<P> {
                 self.teardown(d.domid).map_err(hv("destroy"))?;
                 Ok(Reply::Done)
             }
-            RequestBody::Shutdown(r) | RequestBody::Reboot(r)
-                if matches!(self.find(&r)?.state, RunState::Preserved | RunState::Dying) =>
-            {
-                let d = self.find(&r)?;
-                Err(MgmtError::WrongState {
-                    dom: r,
-                    state: d.state,
-                    operation: "shut down".to_string(),
-                })
-            }
-            RequestBody::Shutdown(r) => {
-                let d = self.find(&r)?;
-                self.platform
-                    .shutdown(d.domid, shutdown::POWEROFF)
-                    .map_err(hv("shutdown"))?;
-                Ok(Reply::Done)
-            }
-            RequestBody::Reboot(r) => {
-                let d = self.find(&r)?;
-                self.platform
-                    .shutdown(d.domid, shutdown::REBOOT)
-                    .map_err(hv("reboot"))?;
-                Ok(Reply::Done)
-            }
+            RequestBody::Shutdown { dom, force } => self.shut_down(&dom, shutdown::POWEROFF, force),
+            RequestBody::Reboot { dom, force } => self.shut_down(&dom, shutdown::REBOOT, force),
             RequestBody::Pause(r) => {
                 let d = self.find(&r)?;
                 if d.state == RunState::Paused {
@@ -582,6 +560,51 @@ impl<P: Platform> Toolstack<P> {
         }
         self.managed.insert(domid, m);
         Ok(domid)
+    }
+
+    /// Shut `dom` down or reboot it (`reason`): through its `control/shutdown` when it
+    /// advertises `control/feature-<request>` = 1 (the PV protocol; it stops itself and its
+    /// policy follows from the "domain died" event), else, or with `force`, by the
+    /// hypervisor. A domain already stopped (shut down, preserved, dying) is refused.
+    fn shut_down(&mut self, dom: &DomainRef, reason: u32, force: bool) -> Result<Reply, MgmtError> {
+        let (request, operation) = if reason == shutdown::REBOOT {
+            ("reboot", "reboot")
+        } else {
+            ("poweroff", "shutdown")
+        };
+        let d = self.find(dom)?;
+        let state = self.summary(d.clone()).state;
+        if matches!(
+            state,
+            RunState::Preserved | RunState::Dying | RunState::Shutdown(_)
+        ) {
+            return Err(MgmtError::WrongState {
+                dom: dom.clone(),
+                state,
+                operation: "shut down".to_string(),
+            });
+        }
+        let control = format!("/local/domain/{}/control", d.domid);
+        // The guest owns its feature nodes: anything but exactly "1" means no support.
+        let advertised = !force
+            && self
+                .platform
+                .xs_read(&format!("{control}/feature-{request}"))
+                .is_ok_and(|v| v == "1");
+        if advertised {
+            self.platform
+                .xs_write(&format!("{control}/shutdown"), request)
+                .map_err(hv("write control/shutdown"))?;
+            self.platform.log(&format!(
+                "domain {}: asked to {request} through control/shutdown",
+                d.domid
+            ));
+            return Ok(Reply::ShutdownSent(ShutdownPath::Xenstore));
+        }
+        self.platform
+            .shutdown(d.domid, reason)
+            .map_err(hv(operation))?;
+        Ok(Reply::ShutdownSent(ShutdownPath::Hypervisor))
     }
 
     /// Destroy the domain and remove everything the toolstack wrote for it. Best effort on

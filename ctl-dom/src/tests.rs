@@ -140,6 +140,109 @@ fn unknown_domain_is_typed() {
 }
 
 #[test]
+fn shutdown_asks_a_guest_that_advertises_it_and_stops_any_other_through_the_hypervisor() {
+    let mut t = Toolstack::fake();
+    let asks = t.create_fake(guest_config("pv")).unwrap();
+    let mute = t.create_fake(guest_config("mute")).unwrap();
+    let control = |id: DomId| format!("/local/domain/{id}/control");
+    t.platform
+        .store
+        .insert(format!("{}/feature-poweroff", control(asks)), "1".into());
+    // Only exactly "1" counts: the guest owns the node.
+    t.platform
+        .store
+        .insert(format!("{}/feature-reboot", control(asks)), "yes".into());
+    t.platform
+        .store
+        .insert(format!("{}/feature-poweroff", control(mute)), "0".into());
+    let shut = |dom: DomId, force| RequestBody::Shutdown {
+        dom: DomainRef::Id(dom),
+        force,
+    };
+
+    assert_eq!(
+        t.handle(shut(asks, false)),
+        Ok(Reply::ShutdownSent(ShutdownPath::Xenstore))
+    );
+    assert_eq!(
+        t.platform.store.get(&format!("{}/shutdown", control(asks))),
+        Some(&"poweroff".to_string())
+    );
+    assert!(t.platform.shutdowns.is_empty(), "asked, not stopped");
+    assert!(
+        !matches!(t.platform.domains[&asks].state, RunState::Shutdown(_)),
+        "it stops itself"
+    );
+
+    assert_eq!(
+        t.handle(shut(mute, false)),
+        Ok(Reply::ShutdownSent(ShutdownPath::Hypervisor))
+    );
+    // Its control/shutdown stays as the home plan made it (empty).
+    assert_eq!(
+        t.platform
+            .store
+            .get(&format!("{}/shutdown", control(mute)))
+            .map(String::as_str),
+        Some("")
+    );
+    // Reboot is its own feature; force skips the question.
+    assert_eq!(
+        t.handle(RequestBody::Reboot {
+            dom: DomainRef::Name("pv".into()),
+            force: false,
+        }),
+        Ok(Reply::ShutdownSent(ShutdownPath::Hypervisor))
+    );
+    assert_eq!(
+        t.platform.shutdowns,
+        vec![(mute, shutdown::POWEROFF), (asks, shutdown::REBOOT)]
+    );
+    let other = t.create_fake(guest_config("other")).unwrap();
+    t.platform
+        .store
+        .insert(format!("{}/feature-poweroff", control(other)), "1".into());
+    assert_eq!(
+        t.handle(shut(other, true)),
+        Ok(Reply::ShutdownSent(ShutdownPath::Hypervisor))
+    );
+    assert_eq!(
+        t.platform.shutdowns.last(),
+        Some(&(other, shutdown::POWEROFF))
+    );
+}
+
+#[test]
+fn shutdown_of_a_stopped_domain_or_through_a_failing_store_is_an_error() {
+    let mut t = Toolstack::fake();
+    let mut c = guest_config("kept");
+    c.on_crash = LifecycleAction::Preserve;
+    let kept = t.create_fake(c).unwrap();
+    assert_eq!(
+        t.domain_died(kept, shutdown::CRASH),
+        DeathOutcome::Preserved
+    );
+    let e = t.handle(RequestBody::Shutdown {
+        dom: DomainRef::Id(kept),
+        force: false,
+    });
+    assert!(matches!(e, Err(MgmtError::WrongState { .. })), "{e:?}");
+
+    let pv = t.create_fake(guest_config("pv")).unwrap();
+    t.platform.store.insert(
+        format!("/local/domain/{pv}/control/feature-poweroff"),
+        "1".into(),
+    );
+    t.platform.fail_xs_write = Some(XenError::EACCES);
+    let e = t.handle(RequestBody::Shutdown {
+        dom: DomainRef::Id(pv),
+        force: false,
+    });
+    assert!(matches!(e, Err(MgmtError::Hypervisor { .. })), "{e:?}");
+    assert!(t.platform.shutdowns.is_empty());
+}
+
+#[test]
 fn on_crash_restart_rebuilds_with_same_config_and_counts() {
     let mut t = Toolstack::fake();
     let mut c = guest_config("svc");

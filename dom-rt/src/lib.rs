@@ -32,6 +32,7 @@ extern crate alloc;
 
 pub mod blkfront;
 pub mod console;
+pub mod control;
 pub mod device;
 pub mod domctl;
 pub mod event;

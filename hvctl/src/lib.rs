@@ -21,7 +21,9 @@ use serde::Serialize;
 use serde_json::json;
 use shared_abi::capability::Capabilities;
 use shared_abi::domain_config::{ConfigError, DiskAccess, DomainConfig, MacFmt};
-use shared_abi::mgmt::{DeviceInfo, DomainRef, DomainSummary, MgmtError, Reply, RequestBody};
+use shared_abi::mgmt::{
+    DeviceInfo, DomainRef, DomainSummary, MgmtError, Reply, RequestBody, ShutdownPath,
+};
 
 use client::{Client, ClientError};
 
@@ -83,10 +85,24 @@ pub enum Cmd {
     },
     /// Destroy a domain at once (no shutdown request to it).
     Destroy { domain: String },
-    /// Ask a domain to shut down; its on_poweroff action follows.
-    Shutdown { domain: String },
-    /// Ask a domain to reboot; its on_reboot action follows.
-    Reboot { domain: String },
+    /// Shut a domain down; its on_poweroff action follows when it has stopped.
+    ///
+    /// A guest that advertises control/feature-poweroff (as Linux does) is asked through its
+    /// control/shutdown node and stops itself after closing its devices; any other is
+    /// stopped by the hypervisor at once.
+    Shutdown {
+        domain: String,
+        /// Stop it through the hypervisor without asking (for a guest that does not answer).
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Reboot a domain (control/feature-reboot, as shutdown); its on_reboot action follows.
+    Reboot {
+        domain: String,
+        /// Stop it through the hypervisor without asking.
+        #[arg(short, long)]
+        force: bool,
+    },
     /// Stop scheduling a domain.
     Pause { domain: String },
     /// Resume a paused domain.
@@ -379,8 +395,20 @@ fn execute(
             }
         }
         Cmd::Destroy { domain } => done(&mut c, RequestBody::Destroy(dom(&domain)), out, json),
-        Cmd::Shutdown { domain } => done(&mut c, RequestBody::Shutdown(dom(&domain)), out, json),
-        Cmd::Reboot { domain } => done(&mut c, RequestBody::Reboot(dom(&domain)), out, json),
+        Cmd::Shutdown { domain, force } => {
+            let body = RequestBody::Shutdown {
+                dom: dom(&domain),
+                force,
+            };
+            shutdown_sent(&mut c, body, &domain, "power off", out, json)
+        }
+        Cmd::Reboot { domain, force } => {
+            let body = RequestBody::Reboot {
+                dom: dom(&domain),
+                force,
+            };
+            shutdown_sent(&mut c, body, &domain, "reboot", out, json)
+        }
         Cmd::Pause { domain } => done(&mut c, RequestBody::Pause(dom(&domain)), out, json),
         Cmd::Unpause { domain } => done(&mut c, RequestBody::Unpause(dom(&domain)), out, json),
         Cmd::Console { domain, no_follow } => {
@@ -504,6 +532,37 @@ pub fn create_request(config: DomainConfig, kernel: Vec<u8>) -> RequestBody {
         },
         _ => RequestBody::Create { config, kernel },
     }
+}
+
+/// Send a shutdown or reboot and say how it reached the domain.
+fn shutdown_sent(
+    c: &mut Client,
+    body: RequestBody,
+    domain: &str,
+    what: &str,
+    out: &mut dyn Write,
+    json: bool,
+) -> Result<(), Failure> {
+    let path = match c.call(body)? {
+        Reply::ShutdownSent(p) => p,
+        r => return Err(unexpected(&r)),
+    };
+    let (via, line) = match path {
+        ShutdownPath::Xenstore => (
+            "xenstore",
+            format!("asked {domain} to {what} through control/shutdown; it stops itself"),
+        ),
+        ShutdownPath::Hypervisor => (
+            "hypervisor",
+            format!("{domain} stopped by the hypervisor ({what})"),
+        ),
+    };
+    if json {
+        writeln!(out, "{}", json!({ "ok": true, "via": via }))?;
+    } else {
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
 }
 
 fn unexpected(r: &Reply) -> Failure {

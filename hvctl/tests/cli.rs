@@ -193,6 +193,34 @@ fn unknown_domain_exits_4_for_every_verb() {
 }
 
 #[test]
+fn shutdown_says_whether_the_guest_was_asked_or_stopped() {
+    // Domain 2 advertises the PV shutdown protocol.
+    let asking = |args: &[&str]| {
+        common::hv_over(args, Input::Stdin, |s| {
+            let mut p = FakePlatform::with_boot_domains();
+            p.store.insert(
+                "/local/domain/2/control/feature-poweroff".into(),
+                "1".into(),
+            );
+            let mut server = Server::new(p);
+            common::serve(s, |req| server.receive(req));
+        })
+    };
+    let (st, out, err) = asking(&["shutdown", "2"]);
+    assert_eq!(st, exit::OK, "{err}");
+    assert_eq!(
+        out,
+        "asked 2 to power off through control/shutdown; it stops itself\n"
+    );
+    let (st, out, err) = asking(&["shutdown", "2", "--force", "--json"]);
+    assert_eq!(st, exit::OK, "{err}");
+    assert_eq!(out.trim(), r#"{"ok":true,"via":"hypervisor"}"#);
+    let (st, out, err) = hv(&["reboot", "blkback"]);
+    assert_eq!(st, exit::OK, "{err}");
+    assert_eq!(out, "blkback stopped by the hypervisor (reboot)\n");
+}
+
+#[test]
 fn verbs_on_a_boot_domain_succeed_or_say_why() {
     assert_eq!(hv(&["pause", "blkback"]).0, exit::OK);
     let (st, _, err) = hv(&["unpause", "blkback"]);

@@ -34,8 +34,9 @@ use crate::errno::XenError;
 
 pub const MAGIC: [u8; 4] = *b"BHMC";
 /// Bumped on any incompatible change to the frame or the message types (2: detach requests
-/// carry `timeout_ms` and `force`; console input and I/O stats).
-pub const VERSION: u16 = 2;
+/// carry `timeout_ms` and `force`; console input and I/O stats; 3: shutdown and reboot ask
+/// the guest first, `force` skips that, the answer says which way it went).
+pub const VERSION: u16 = 3;
 pub const HEADER_LEN: usize = 16;
 /// Largest payload: room for a kernel image in a `Create` request.
 pub const MAX_PAYLOAD: usize = 8 << 20;
@@ -108,8 +109,19 @@ pub enum RequestBody {
         kernel: Vec<u8>,
     },
     Destroy(DomainRef),
-    Shutdown(DomainRef),
-    Reboot(DomainRef),
+    /// Shut the domain down (`on_poweroff` follows). A domain that advertises
+    /// `control/feature-poweroff` = 1 (as Linux does) is asked through its
+    /// `control/shutdown` and shuts down itself; any other, or with `force`, is stopped by the
+    /// hypervisor (`SCHEDOP_remote_shutdown`). Answered with [`Reply::ShutdownSent`].
+    Shutdown {
+        dom: DomainRef,
+        force: bool,
+    },
+    /// As [`RequestBody::Shutdown`], rebooting (`control/feature-reboot`; `on_reboot`).
+    Reboot {
+        dom: DomainRef,
+        force: bool,
+    },
     Pause(DomainRef),
     Unpause(DomainRef),
     /// Console output of a domain from byte offset `from` (of everything it ever wrote).
@@ -309,6 +321,19 @@ pub enum Reply {
     },
     /// `DomainStats`: one row per domain.
     Stats(Vec<DomainIoStats>),
+    /// `Shutdown` / `Reboot`: how the domain was told.
+    ShutdownSent(ShutdownPath),
+}
+
+/// How a shutdown or reboot reached a domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShutdownPath {
+    /// Written to its `control/shutdown`: the guest acknowledges it, closes its devices and
+    /// stops itself (with the reason it was asked for, if it honours the request).
+    Xenstore,
+    /// Stopped by the hypervisor at once (`SCHEDOP_remote_shutdown`): it advertised no
+    /// shutdown support, or `force` was set.
+    Hypervisor,
 }
 
 /// Why a request failed.

@@ -136,7 +136,7 @@ pub fn drive(sock: &Path, cfgs: &Path, g: &Guests, lines: &Lines) -> Result<(), 
 
     // 9. A vif attached to a running guest, used (ping the peer), detached.
     let t = Instant::now();
-    create(
+    let hotnet = create(
         sock,
         cfgs,
         "hotnet",
@@ -191,11 +191,33 @@ pub fn drive(sock: &Path, cfgs: &Path, g: &Guests, lines: &Lines) -> Result<(), 
         format!("bad requests changed hotdisk's devices: {before:?} -> {after:?}")
     })?;
 
-    // 11. `shutdown` a guest with two disks: its policy (destroy) applies, ctl removes its
-    //    home and devices, it is gone from `list`.
+    // 11. `shutdown` a guest with two disks: it advertised PV shutdown, so ctl asks it
+    //     through control/shutdown; it releases both disks and powers off; its policy
+    //     (destroy) applies, ctl removes its home and devices, it is gone from `list`.
     let t = Instant::now();
-    hvctl(sock, &["shutdown", "hotdisk"]).ok("shutdown hotdisk")?;
+    let r = hvctl(sock, &["shutdown", "hotdisk"]).ok("shutdown hotdisk")?;
+    check(r.out.contains("through control/shutdown"), || {
+        format!("shutdown hotdisk said {:?}", r.out)
+    })?;
+    for devid in [XVDA, XVDB] {
+        let l = hotplug_line(lines, t, "hotdisk", &format!("vbd {devid} released"), quick)?;
+        check(l.contains("leaked=0"), || format!("at shutdown: {l}"))?;
+    }
+    hotplug_line(lines, t, "hotdisk", "shutdown requested (poweroff)", quick)?;
     destroyed_on_poweroff(sock, lines, Some(t), quick, hotdisk, "hotdisk")?;
-    hvctl(sock, &["destroy", "hotnet"]).ok("destroy hotnet")?;
+
+    // 12. `shutdown --force`: the hypervisor stops hotnet without asking it.
+    let t = Instant::now();
+    let r = hvctl(sock, &["shutdown", "--force", "hotnet"]).ok("shutdown --force hotnet")?;
+    check(r.out.contains("stopped by the hypervisor"), || {
+        format!("shutdown --force hotnet said {:?}", r.out)
+    })?;
+    destroyed_on_poweroff(sock, lines, Some(t), quick, hotnet, "hotnet")?;
+    let asked = wait_line_after(lines, Some(t), Duration::ZERO, |l| {
+        l.starts_with("(hotnet) HOTPLUG shutdown requested")
+    });
+    check(asked.is_none(), || {
+        "hotnet was asked, not stopped, by shutdown --force".to_string()
+    })?;
     Ok(())
 }

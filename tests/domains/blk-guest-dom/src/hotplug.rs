@@ -17,9 +17,11 @@
 //! Words: `wait_ms=<n>` (default 600000): how long to wait while no disk is attached before
 //! giving up (`HOTPLUG vbd timeout`, power off); `hotplug_rounds=<n>`: power off after n
 //! releases (`HOTPLUG done rounds=<n>`; default: never); `seed=<n>` seeds the pattern.
-//! The first line is `HOTPLUG vbd watching <dir>`. Shutdown: the toolstack's
-//! `SCHEDOP_remote_shutdown` stops the domain at once; a `control/shutdown` request
-//! (poweroff, reboot, halt) closes every disk first and powers off.
+//! The first line is `HOTPLUG vbd watching <dir>`. Shutdown: the guest advertises
+//! `control/feature-poweroff` and `-reboot` ([`dom_rt::control`]), so `hvctl shutdown`
+//! asks it through `control/shutdown`: it closes every disk (each `released` line), prints
+//! `HOTPLUG shutdown requested (<word>)` and stops with that request's reason.
+//! `hvctl shutdown --force` (the hypervisor's `SCHEDOP_remote_shutdown`) stops it at once.
 
 use alloc::collections::BTreeMap;
 use alloc::format;
@@ -29,9 +31,9 @@ use alloc::vec::Vec;
 
 use dom_rt::blkfront::domain::{DomainEvents, DomainGrants, XenbusStore};
 use dom_rt::blkfront::{Blkfront, FrontConfig, Tag};
+use dom_rt::control;
 use dom_rt::front::Released;
 use dom_rt::hotplug::{self, DeviceClass, DeviceWatch, HotplugEvent, abandon};
-use dom_rt::xenbus::Tx;
 use dom_rt::{StartInfo, println, time};
 
 type Bus = dom_rt::xenbus::DomainBus;
@@ -127,7 +129,9 @@ pub fn run(si: &'static StartInfo, xb: &mut Bus, cmdline: &str) {
     let mut attached = 0u32;
     let mut idle_since = time::now_ns();
     let mut next_poll = 0;
-    let shutdown_node = format!("{home}/control/shutdown");
+    if let Err(e) = control::advertise(&mut XenbusStore { xb: &mut *xb }, &home) {
+        println!("HOTPLUG vbd cannot advertise shutdown support: {e}");
+    }
     loop {
         let _ = xb.poll();
         xb.dispatch();
@@ -204,16 +208,16 @@ pub fn run(si: &'static StartInfo, xb: &mut Bus, cmdline: &str) {
             } else {
                 idle_since = time::now_ns();
             }
-            // A shutdown request through the store: close the disks, then power off.
-            if let Ok(v) = xb.read(Tx::NONE, &shutdown_node)
-                && matches!(v.as_slice(), b"poweroff" | b"reboot" | b"halt")
+            // A shutdown request through the store: close the disks, then stop as asked.
+            if let Ok(Some(request)) =
+                control::take_request(&mut XenbusStore { xb: &mut *xb }, &home)
             {
                 for (devid, (f, dir)) in core::mem::take(&mut fronts) {
                     let r = f.release(&mut XenbusStore { xb: &mut *xb }, &dir, 2000);
                     println!("{}", release_line(devid, &r));
                 }
-                println!("HOTPLUG shutdown requested");
-                return;
+                println!("HOTPLUG shutdown requested ({})", request.word());
+                dom_rt::exit(request.reason());
             }
         }
         if fronts.is_empty() && time::now_ns().saturating_sub(idle_since) > wait_ns {

@@ -17,17 +17,19 @@
 //! One vif at a time: a second one attached meanwhile is connected once the first is
 //! released. `wait_ms=<n>` (default 600000): how long to wait while no vif is attached
 //! (`HOTPLUG vif timeout`, power off); `hotplug_rounds=<n>`: power off after n releases
-//! (`HOTPLUG done rounds=<n>`). The first line is `HOTPLUG vif watching <dir>`. A
-//! `control/shutdown` request (poweroff, reboot, halt) closes the vif and powers off; the
-//! toolstack's `SCHEDOP_remote_shutdown` stops the domain at once.
+//! (`HOTPLUG done rounds=<n>`). The first line is `HOTPLUG vif watching <dir>`. The guest
+//! advertises `control/feature-poweroff` and `-reboot` ([`dom_rt::control`]): a
+//! `control/shutdown` request (`hvctl shutdown`) closes the vif, prints `HOTPLUG shutdown
+//! requested (<word>)` and stops with that request's reason; `hvctl shutdown --force` (the
+//! hypervisor's `SCHEDOP_remote_shutdown`) stops the domain at once.
 
 use alloc::collections::VecDeque;
 use alloc::format;
 use alloc::string::String;
 
+use dom_rt::control::{self, ShutdownRequest};
 use dom_rt::front::{Released, XenbusStore};
 use dom_rt::hotplug::{self, DeviceClass, DeviceWatch, HotplugEvent, abandon};
-use dom_rt::xenbus::Tx;
 use dom_rt::{StartInfo, println, time};
 use smoltcp::wire::Ipv4Address;
 
@@ -47,7 +49,7 @@ fn release_line(devid: u32, r: &Released) -> String {
 enum Next {
     Keep,
     Release,
-    Shutdown,
+    Shutdown(ShutdownRequest),
 }
 
 pub fn run(si: &'static StartInfo, xb: &mut Bus, cmdline: &str) {
@@ -62,9 +64,11 @@ pub fn run(si: &'static StartInfo, xb: &mut Bus, cmdline: &str) {
     let wait_ns = num::<u64>(cmdline, "wait_ms").unwrap_or(600_000) * MS;
     let rounds: Option<u32> = num(cmdline, "hotplug_rounds");
     let refuse = cmdline.split_whitespace().any(|w| w == "refuse_detach");
-    let shutdown_node = format!("{home}/control/shutdown");
     let mut watch = DeviceWatch::new(&home, DeviceClass::Vif);
     let dirty = watch.subscribe(xb, "net-guest");
+    if let Err(e) = control::advertise(&mut XenbusStore { xb: &mut *xb }, &home) {
+        println!("HOTPLUG vif cannot advertise shutdown support: {e}");
+    }
     // Vifs attached and not yet connected (one at a time is served).
     let mut queue: VecDeque<(u32, String)> = VecDeque::new();
     let mut released = 0u32;
@@ -92,11 +96,11 @@ pub fn run(si: &'static StartInfo, xb: &mut Bus, cmdline: &str) {
                     }
                 }
             }
-            if let Ok(v) = xb.read(Tx::NONE, &shutdown_node)
-                && matches!(v.as_slice(), b"poweroff" | b"reboot" | b"halt")
+            if let Ok(Some(request)) =
+                control::take_request(&mut XenbusStore { xb: &mut *xb }, &home)
             {
-                println!("HOTPLUG shutdown requested");
-                return;
+                println!("HOTPLUG shutdown requested ({})", request.word());
+                dom_rt::exit(request.reason());
             }
         }
         if let Some((devid, dir)) = queue.pop_front() {
@@ -116,14 +120,14 @@ pub fn run(si: &'static StartInfo, xb: &mut Bus, cmdline: &str) {
                 peer,
                 seed,
                 refuse,
-                shutdown_node: &shutdown_node,
+                home: &home,
             };
             let (nic, next) = serve(xb, &mut watch, &mut queue, nic, &cx);
-            if matches!(next, Next::Shutdown) {
+            if let Next::Shutdown(request) = next {
                 let r = nic.release(&mut XenbusStore { xb: &mut *xb });
                 println!("{}", release_line(devid, &r));
-                println!("HOTPLUG shutdown requested");
-                return;
+                println!("HOTPLUG shutdown requested ({})", request.word());
+                dom_rt::exit(request.reason());
             }
             let r = nic.release(&mut XenbusStore { xb: &mut *xb });
             println!("{}", release_line(devid, &r));
@@ -159,7 +163,8 @@ struct Served<'a> {
     peer: Option<[u8; 4]>,
     seed: u64,
     refuse: bool,
-    shutdown_node: &'a str,
+    /// `/local/domain/<me>`, where shutdown requests arrive.
+    home: &'a str,
 }
 
 /// Run smoltcp over the connected vif: ping the peer, then keep answering until the backend
@@ -242,10 +247,10 @@ fn serve(
         if !matches!(next, Next::Keep) {
             break next;
         }
-        if let Ok(v) = net.xb.read(Tx::NONE, cx.shutdown_node)
-            && matches!(v.as_slice(), b"poweroff" | b"reboot" | b"halt")
+        if let Ok(Some(request)) =
+            control::take_request(&mut XenbusStore { xb: &mut *net.xb }, cx.home)
         {
-            break Next::Shutdown;
+            break Next::Shutdown(request);
         }
     };
     let Net { dev, .. } = net;
