@@ -1,8 +1,9 @@
 //! Xenbus: the domain's xenstore client.
 //!
-//! [`Xenbus`] speaks the xenstore wire protocol (XEN-ABI.md §7) over a [`Transport`]: one
-//! request at a time, each with a fresh request id, answered by the reply carrying the same
-//! id. Watch events that arrive meanwhile are queued and handed to the callbacks registered
+//! [`Xenbus`] speaks the xenstore wire protocol (XEN-ABI.md §7) over a [`Transport`]: each
+//! request has a fresh request id and is answered by the reply carrying the same id; a
+//! caller waits for each answer, or sends a [`Batch`] and waits once for all of them
+//! (xenstore answers a connection's requests in order). Watch events that arrive meanwhile are queued and handed to the callbacks registered
 //! with [`Xenbus::watch`] (routed by token) when the domain calls [`Xenbus::dispatch`], never
 //! from inside another request. Transactions: [`Xenbus::transaction`] runs a closure and
 //! commits, retrying the whole closure when the commit (or anything in it) fails with
@@ -180,6 +181,41 @@ impl Tx {
     pub const NONE: Tx = Tx(0);
 }
 
+/// Requests to send together with [`Xenbus::send_batch`] (writes that need no answer but
+/// "OK", such as a toolstack's plan of directories, permissions and nodes).
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    requests: Vec<(MsgType, Vec<u8>)>,
+}
+
+impl Batch {
+    /// MKDIR `path`.
+    pub fn mkdir(&mut self, path: &str) {
+        self.requests.push((MsgType::Mkdir, z(path)));
+    }
+
+    /// SET_PERMS on `path` (as [`Xenbus::set_perms`]).
+    pub fn set_perms(&mut self, path: &str, perms: &[&str]) {
+        self.requests
+            .push((MsgType::SetPerms, perms_payload(path, perms)));
+    }
+
+    /// WRITE `value` at `path`.
+    pub fn write(&mut self, path: &str, value: &[u8]) {
+        self.requests
+            .push((MsgType::Write, write_payload(path, value)));
+    }
+
+    /// Requests queued.
+    pub fn len(&self) -> usize {
+        self.requests.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.requests.is_empty()
+    }
+}
+
 /// A registered watch, to pass back to [`Xenbus::unwatch`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WatchHandle {
@@ -219,6 +255,22 @@ fn z(s: &str) -> Vec<u8> {
     v.extend_from_slice(s.as_bytes());
     v.push(0);
     v
+}
+
+/// WRITE's payload: the path, NUL, the value (not terminated).
+fn write_payload(path: &str, value: &[u8]) -> Vec<u8> {
+    let mut p = z(path);
+    p.extend_from_slice(value);
+    p
+}
+
+/// SET_PERMS's payload: the path and each permission, NUL-terminated.
+fn perms_payload(path: &str, perms: &[&str]) -> Vec<u8> {
+    let mut p = z(path);
+    for s in perms {
+        p.extend(z(s));
+    }
+    p
 }
 
 /// Split a NUL-terminated list of UTF-8 strings (empty payload: empty list).
@@ -278,45 +330,88 @@ impl<T: Transport> Xenbus<T> {
 
     /// Send one request and wait for its reply: the payload, or the server's error.
     pub fn request(&mut self, ty: MsgType, tx: Tx, payload: &[u8]) -> Result<Vec<u8>, XenError> {
+        let mut answers = self.pipeline(tx, &[(ty, payload)])?;
+        answers.pop().unwrap_or(Err(XenError::EIO))
+    }
+
+    /// Send every request of `batch` in transaction `tx` without waiting for each answer,
+    /// then wait for all of them (one round trip instead of one per request: xenstore
+    /// answers a connection's requests in order). The first error the server answered, if
+    /// any; every request was answered either way, so the stream stays usable.
+    pub fn send_batch(&mut self, tx: Tx, batch: &Batch) -> Result<(), XenError> {
+        let requests: Vec<(MsgType, &[u8])> = batch
+            .requests
+            .iter()
+            .map(|(ty, p)| (*ty, p.as_slice()))
+            .collect();
+        for answer in self.pipeline(tx, &requests)? {
+            answer?;
+        }
+        Ok(())
+    }
+
+    /// Send `requests` (as the ring has room, reading answers meanwhile so a server whose
+    /// response ring is full, or that holds back until replies are read, keeps going) and
+    /// collect their answers in order: the payload or the server's error for each. The outer
+    /// error is a broken stream or a request too large to send (nothing sent then).
+    fn pipeline(
+        &mut self,
+        tx: Tx,
+        requests: &[(MsgType, &[u8])],
+    ) -> Result<Vec<Result<Vec<u8>, XenError>>, XenError> {
         if self.broken {
             return Err(XenError::EIO);
         }
-        if payload.len() > PAYLOAD_MAX {
+        if requests.iter().any(|(_, p)| p.len() > PAYLOAD_MAX) {
             return Err(XenError::E2BIG);
         }
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
-        let bytes = xenstore::encode(ty.as_u32(), id, tx.0, payload)?;
-        let mut sent = 0;
-        while sent < bytes.len() {
-            let n = self.t.write(&bytes[sent..]).map_err(|_| self.broken())?;
-            sent += n;
-            if n == 0 {
-                // Read while waiting: the server may be stuck on a full response ring.
-                if !self.pump()? {
-                    self.t.wait().map_err(|_| self.broken())?;
-                }
-            }
+        let mut bytes = Vec::new();
+        let mut expected = VecDeque::with_capacity(requests.len());
+        for (ty, payload) in requests {
+            let id = self.next_id;
+            self.next_id = self.next_id.wrapping_add(1);
+            bytes.extend(xenstore::encode(ty.as_u32(), id, tx.0, payload)?);
+            expected.push_back((id, *ty));
         }
+        let mut answers = Vec::with_capacity(requests.len());
+        let mut sent = 0;
         loop {
+            let mut moved = false;
+            while sent < bytes.len() {
+                let n = self.t.write(&bytes[sent..]).map_err(|_| self.broken())?;
+                if n == 0 {
+                    break;
+                }
+                sent += n;
+                moved = true;
+            }
+            moved |= self.pump()?;
             while let Some(m) = self.inbox.pop_front() {
                 if m.header.msg_type == MsgType::WatchEvent.as_u32() {
                     self.queue_event(&m.payload);
                     continue;
                 }
+                let Some((id, ty)) = expected.pop_front() else {
+                    // An answer to nothing we asked: the stream cannot be trusted.
+                    return Err(self.broken());
+                };
                 if m.header.req_id != id || m.header.tx_id != tx.0 {
-                    // Not the answer to what we asked: the stream cannot be trusted.
                     return Err(self.broken());
                 }
                 if m.header.msg_type == MsgType::Error.as_u32() {
-                    return Err(xenstore::parse_error_payload(&m.payload).unwrap_or(XenError::EIO));
-                }
-                if m.header.msg_type != ty.as_u32() {
+                    answers.push(Err(
+                        xenstore::parse_error_payload(&m.payload).unwrap_or(XenError::EIO)
+                    ));
+                } else if m.header.msg_type != ty.as_u32() {
                     return Err(self.broken());
+                } else {
+                    answers.push(Ok(m.payload));
                 }
-                return Ok(m.payload);
             }
-            if !self.pump()? {
+            if expected.is_empty() {
+                return Ok(answers);
+            }
+            if !moved {
                 self.t.wait().map_err(|_| self.broken())?;
             }
         }
@@ -402,9 +497,8 @@ impl<T: Transport> Xenbus<T> {
 
     /// WRITE `value` (creating missing parents).
     pub fn write(&mut self, tx: Tx, path: &str, value: &[u8]) -> Result<(), XenError> {
-        let mut p = z(path);
-        p.extend_from_slice(value);
-        self.request(MsgType::Write, tx, &p).map(drop)
+        self.request(MsgType::Write, tx, &write_payload(path, value))
+            .map(drop)
     }
 
     /// MKDIR (no error if it exists).
@@ -464,11 +558,8 @@ impl<T: Transport> Xenbus<T> {
     /// SET_PERMS: `perms` in Xen's string form (`n1`, `r2`, `w3`, `b4`; the first names
     /// the owner and the default).
     pub fn set_perms(&mut self, tx: Tx, path: &str, perms: &[&str]) -> Result<(), XenError> {
-        let mut p = z(path);
-        for s in perms {
-            p.extend(z(s));
-        }
-        self.request(MsgType::SetPerms, tx, &p).map(drop)
+        self.request(MsgType::SetPerms, tx, &perms_payload(path, perms))
+            .map(drop)
     }
 
     /// WATCH `path`; `cb` runs (from [`Xenbus::dispatch`]) for each event, starting with the

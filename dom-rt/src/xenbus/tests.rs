@@ -117,6 +117,75 @@ fn reply_with_the_wrong_id_type_or_transaction_breaks_the_stream() {
 }
 
 #[test]
+fn a_batch_is_sent_whole_and_answers_its_first_error_in_sync() {
+    // Writes answer OK, SET_PERMS is refused: the batch says so, every request was sent
+    // and answered, and the next request gets its own answer.
+    let mut xb = Xenbus::new(Scripted::new(|m| {
+        if m.header.msg_type == MsgType::SetPerms.as_u32() {
+            reply(m, MsgType::Error, b"EACCES\0")
+        } else if m.header.msg_type == MsgType::Read.as_u32() {
+            reply(m, MsgType::Read, b"v")
+        } else {
+            reply(m, MsgType::from_u32(m.header.msg_type).unwrap(), b"OK\0")
+        }
+    }));
+    let mut b = Batch::default();
+    b.mkdir("/d");
+    b.set_perms("/d", &["n1", "r2"]);
+    b.write("/d/k", b"value");
+    assert_eq!(b.len(), 3);
+    assert_eq!(xb.send_batch(Tx(5), &b), Err(XenError::EACCES));
+    let sent: Vec<(u32, u32)> = xb
+        .transport()
+        .requests
+        .iter()
+        .map(|m| (m.header.msg_type, m.header.tx_id))
+        .collect();
+    assert_eq!(
+        sent,
+        vec![
+            (MsgType::Mkdir.as_u32(), 5),
+            (MsgType::SetPerms.as_u32(), 5),
+            (MsgType::Write.as_u32(), 5)
+        ]
+    );
+    assert_eq!(xb.transport().requests[1].payload, b"/d\0n1\0r2\0");
+    assert_eq!(xb.transport().requests[2].payload, b"/d/k\0value");
+    assert_eq!(xb.read(Tx::NONE, "/x").unwrap(), b"v");
+    assert_eq!(xb.send_batch(Tx::NONE, &Batch::default()), Ok(()), "empty");
+}
+
+#[test]
+fn a_batch_answered_out_of_order_breaks_the_stream() {
+    let mut n = 0u32;
+    let mut xb = Xenbus::new(Scripted::new(move |m| {
+        n += 1;
+        // The second answer claims to be the third's.
+        let id = if n == 2 {
+            m.header.req_id + 1
+        } else {
+            m.header.req_id
+        };
+        xenstore::encode(MsgType::Write.as_u32(), id, 0, b"OK\0").unwrap()
+    }));
+    let mut b = Batch::default();
+    for k in ["/a", "/b", "/c"] {
+        b.write(k, b"1");
+    }
+    assert_eq!(xb.send_batch(Tx::NONE, &b), Err(XenError::EIO));
+    assert_eq!(
+        xb.write(Tx::NONE, "/a", b"1"),
+        Err(XenError::EIO),
+        "stays broken"
+    );
+    let mut big = Batch::default();
+    big.write("/a", &vec![0u8; PAYLOAD_MAX + 1]);
+    let mut fresh = Xenbus::new(Scripted::new(|m| reply(m, MsgType::Write, b"OK\0")));
+    assert_eq!(fresh.send_batch(Tx::NONE, &big), Err(XenError::E2BIG));
+    assert!(fresh.transport().requests.is_empty(), "nothing sent");
+}
+
+#[test]
 fn oversized_reply_header_breaks_the_stream() {
     let mut xb = Xenbus::new(Scripted::new(|m| {
         Header {
@@ -422,6 +491,46 @@ fn engine_transaction_without_conflict_commits_once() {
     let mut names = d1.directory(Tx::NONE, "/local/domain/1").unwrap();
     names.sort();
     assert_eq!(names, vec!["a", "b", "shared"]);
+}
+
+#[test]
+fn engine_takes_a_batch_larger_than_the_ring_and_the_reply_quota_in_one_transaction() {
+    let (_s, mut tools, mut d1, _d2) = two_domains();
+    // 300 writes of ~40 bytes: several times the 1 KiB request ring, and more answers than
+    // a connection may have outstanding.
+    let mut b = Batch::default();
+    b.mkdir("/local/domain/1/plan");
+    b.set_perms("/local/domain/1/plan", &["n1", "r2"]);
+    for i in 0..300 {
+        b.write(
+            &format!("/local/domain/1/plan/key-{i:03}"),
+            format!("{i}").as_bytes(),
+        );
+    }
+    tools
+        .transaction(TRANSACTION_TRIES, |xb, tx| xb.send_batch(tx, &b))
+        .unwrap();
+    let keys = d1.directory(Tx::NONE, "/local/domain/1/plan").unwrap();
+    assert_eq!(keys.len(), 300);
+    assert_eq!(
+        d1.read(Tx::NONE, "/local/domain/1/plan/key-299").unwrap(),
+        b"299"
+    );
+    // A batch the domain may not write fails as a whole inside its transaction.
+    let mut denied = Batch::default();
+    denied.write("/local/domain/1/mine", b"1");
+    denied.write("/local/domain/2/not-mine", b"1");
+    assert_eq!(
+        d1.transaction(TRANSACTION_TRIES, |xb, tx| xb.send_batch(tx, &denied)),
+        Err(XenError::EACCES)
+    );
+    assert_eq!(
+        d1.read(Tx::NONE, "/local/domain/1/mine"),
+        Err(XenError::ENOENT),
+        "aborted with the rest"
+    );
+    // The connection still answers one request at a time afterwards.
+    d1.write(Tx::NONE, "/local/domain/1/after", b"ok").unwrap();
 }
 
 #[test]

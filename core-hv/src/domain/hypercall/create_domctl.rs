@@ -99,12 +99,14 @@ impl Call<'_, '_> {
             xenstore_evtchn: 0,
             stack_pages: DEFAULT_STACK_PAGES,
         };
+        let build_start = self.p.clock.now_ns();
         let id = self.hv.build_domain(self.p, &cfg, &elf).map_err(|e| {
             let line = alloc::format!("(hv) domain {name:?} not created: {e}\n");
             self.p.console.write(line.as_bytes());
             build_errno(&e)
         })?;
         drop(elf);
+        let build_us = self.p.clock.now_ns().saturating_sub(build_start) / 1000;
         // Its lifecycle policies: kept on shutdown for the reasons it says `preserve`.
         let preserve = req.flags & (dc::CREATE_FLAGS & !dc::CREATE_PAUSED);
         if preserve != 0 {
@@ -118,7 +120,7 @@ impl Call<'_, '_> {
             kicks = kicks.union(self.hv.sched.pause_domain(id, self.now));
         }
         let line = alloc::format!(
-            "(hv) domain {id} ({name}) created by domain {}{}\n",
+            "(hv) domain {id} ({name}) created by domain {}{} (built in {build_us} us)\n",
             token.caller(),
             if req.flags & dc::CREATE_PAUSED != 0 {
                 ", paused"

@@ -88,7 +88,10 @@ pub fn open(cmdline: &str) -> Option<Mgmt> {
         Ok(_) => {
             println!("ctl: serving hvctl on the management line (COM2)");
             Some(Mgmt {
-                server: Server::new(Hv { xb: None }),
+                server: Server::new(Hv {
+                    xb: None,
+                    create_times: Default::default(),
+                }),
                 preserved: BTreeSet::new(),
                 restarts: BTreeMap::new(),
                 limit,

@@ -31,7 +31,7 @@ use ctl_dom::xenstore_layout::XsPlan;
 use ctl_dom::{Chunk, HvDomain, Platform};
 use dom_rt::domctl::{self, NewDomain};
 use dom_rt::event::Waiter;
-use dom_rt::xenbus::{DomainBus, TRANSACTION_TRIES, Tx};
+use dom_rt::xenbus::{Batch, DomainBus, TRANSACTION_TRIES, Tx};
 use dom_rt::{XenError, hypercall, println, time};
 use shared_abi::DomId;
 use shared_abi::capability::Capabilities;
@@ -53,6 +53,27 @@ pub struct Hv {
     /// This domain's xenstore connection, lent by the main loop while requests are served
     /// (the one ring is shared with the boot device code).
     pub xb: Option<DomainBus>,
+    /// Where the time of the create under way goes (reported when it is unpaused).
+    pub create_times: CreateTimes,
+}
+
+/// The phases of building a domain, in µs: the figure LightVM's 2.3 ms compares with, split
+/// so that the cost of the hypervisor's build and of xenstore can be told apart.
+#[derive(Debug, Default)]
+pub struct CreateTimes {
+    build_us: u64,
+    introduce_us: u64,
+    /// Every plan written since the build: the home, then each device.
+    entries_us: u64,
+    entries_written: u32,
+}
+
+/// Run `f` and add the µs it took to `into`.
+fn timed<T>(into: &mut u64, f: impl FnOnce() -> T) -> T {
+    let t0 = time::now_ns();
+    let r = f();
+    *into += time::now_ns().saturating_sub(t0) / 1000;
+    r
 }
 
 /// What `LIST_DOMAINS` says, in the protocol's terms.
@@ -101,20 +122,23 @@ fn history(domid: DomId, from: u64, max: usize) -> Result<Chunk, XenError> {
 
 /// Write `plan` in one transaction: a frontend or backend sees all of it or none. Each
 /// directory is made and given its permissions before the nodes below it are written, so
-/// they inherit them. With `reperm_first`, every node already below the first directory
-/// (up to 3 levels) gets its permissions too: a re-pointed device's frontend nodes (its
-/// state, ring keys…) keep the ones they were created with otherwise, which the new
-/// backend may not read.
+/// they inherit them (xenstore answers in order, so the plan goes as one batch: one round
+/// trip to the xenstore domain instead of one per node). With `reperm_first`, every node
+/// already below the first directory (up to 3 levels) gets its permissions too: a
+/// re-pointed device's frontend nodes (its state, ring keys…) keep the ones they were
+/// created with otherwise, which the new backend may not read.
 pub fn write_plan(xb: &mut DomainBus, plan: &XsPlan, reperm_first: bool) -> Result<(), XenError> {
+    let mut batch = Batch::default();
+    for (dir, perms) in &plan.dirs {
+        let perms: Vec<&str> = perms.iter().map(String::as_str).collect();
+        batch.mkdir(dir);
+        batch.set_perms(dir, &perms);
+    }
+    for (k, v) in &plan.entries {
+        batch.write(k, v.as_bytes());
+    }
     xb.transaction(TRANSACTION_TRIES, |xb, tx| {
-        for (dir, perms) in &plan.dirs {
-            let perms: Vec<&str> = perms.iter().map(String::as_str).collect();
-            xb.mkdir(tx, dir)?;
-            xb.set_perms(tx, dir, &perms)?;
-        }
-        for (k, v) in &plan.entries {
-            xb.write(tx, k, v.as_bytes())?;
-        }
+        xb.send_batch(tx, &batch)?;
         match plan.dirs.first() {
             Some((dir, perms)) if reperm_first => {
                 let perms: Vec<&str> = perms.iter().map(String::as_str).collect();
@@ -149,6 +173,20 @@ impl Hv {
         // No connection: the store cannot be reached (the caller reports it).
         self.xb.as_mut().ok_or(XenError::EIO)
     }
+
+    /// Ask xenstore until it serves `domid` (or `deadline`, in `time::now_ns`, passes).
+    fn wait_introduced(&mut self, domid: DomId, deadline: u64) -> Result<(), XenError> {
+        loop {
+            if self.xs()?.is_domain_introduced(domid)? {
+                return Ok(());
+            }
+            if time::now_ns() >= deadline {
+                println!("ctl: xenstore did not introduce domain {domid} within 5 s");
+                return Err(XenError::ETIMEDOUT);
+            }
+            let _ = hypercall::sched_yield();
+        }
+    }
 }
 
 impl Platform for Hv {
@@ -162,7 +200,8 @@ impl Platform for Hv {
     }
 
     fn create(&mut self, c: &DomainConfig, kernel: &[u8]) -> Result<DomId, XenError> {
-        domctl::create_domain(&NewDomain {
+        self.create_times = CreateTimes::default();
+        let new = NewDomain {
             name: &c.name,
             elf: kernel,
             memory_kib: c.memory_kib,
@@ -173,11 +212,21 @@ impl Platform for Hv {
             cmdline: &c.cmdline,
             paused: true,
             preserve: preserve_flags(c),
+        };
+        timed(&mut self.create_times.build_us, || {
+            domctl::create_domain(&new)
         })
     }
 
     fn start(&mut self, domid: DomId) -> Result<(), XenError> {
-        domctl::unpause(domid)
+        let mut unpause_us = 0;
+        let r = timed(&mut unpause_us, || domctl::unpause(domid));
+        let t = core::mem::take(&mut self.create_times);
+        println!(
+            "ctl: domain {domid} built in {} us, introduced to xenstore in {} us, {} xenstore plans written in {} us, unpaused in {unpause_us} us",
+            t.build_us, t.introduce_us, t.entries_written, t.entries_us
+        );
+        r
     }
 
     fn destroy(&mut self, domid: DomId) -> Result<(), XenError> {
@@ -209,7 +258,11 @@ impl Platform for Hv {
     }
 
     fn xs_write_plan(&mut self, plan: &XsPlan) -> Result<(), XenError> {
-        write_plan(self.xs()?, plan, false)
+        let mut us = 0;
+        let r = timed(&mut us, || write_plan(self.xs()?, plan, false));
+        self.create_times.entries_us += us;
+        self.create_times.entries_written += 1;
+        r
     }
 
     fn xs_read(&mut self, path: &str) -> Result<String, XenError> {
@@ -253,16 +306,10 @@ impl Platform for Hv {
         // it has (IS_DOMAIN_INTRODUCED), so that the home written next, with libxl's
         // permissions, is the one that stays: `introduce` done means done, as in Xen.
         let deadline = time::now_ns().saturating_add(INTRODUCE_WAIT_NS);
-        loop {
-            if self.xs()?.is_domain_introduced(domid)? {
-                return Ok(());
-            }
-            if time::now_ns() >= deadline {
-                println!("ctl: xenstore did not introduce domain {domid} within 5 s");
-                return Err(XenError::ETIMEDOUT);
-            }
-            let _ = hypercall::sched_yield();
-        }
+        let mut us = 0;
+        let r = timed(&mut us, || self.wait_introduced(domid, deadline));
+        self.create_times.introduce_us += us;
+        r
     }
 
     fn xs_release(&mut self, _domid: DomId) -> Result<(), XenError> {
