@@ -22,7 +22,7 @@ use serde_json::json;
 use shared_abi::capability::Capabilities;
 use shared_abi::domain_config::{ConfigError, DiskAccess, DomainConfig, MacFmt};
 use shared_abi::mgmt::{
-    DeviceInfo, DomainRef, DomainSummary, MgmtError, Reply, RequestBody, ShutdownPath,
+    DeviceInfo, DomainRef, DomainSummary, MgmtError, Reply, RequestBody, RunState, ShutdownPath,
 };
 
 use client::{Client, ClientError};
@@ -63,7 +63,8 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
     /// Seconds to wait for each answer; for block-detach and network-detach, how long the
-    /// guest has to release the device (1..=300).
+    /// guest has to release the device (1..=300); for shutdown/reboot --wait, how long the
+    /// domain has to stop.
     #[arg(long, global = true, default_value_t = 10)]
     pub timeout: u64,
     #[command(subcommand)]
@@ -95,6 +96,9 @@ pub enum Cmd {
         /// Stop it through the hypervisor without asking (for a guest that does not answer).
         #[arg(short, long)]
         force: bool,
+        /// Return only once the domain has stopped (at most --timeout seconds).
+        #[arg(short, long)]
+        wait: bool,
     },
     /// Reboot a domain (control/feature-reboot, as shutdown); its on_reboot action follows.
     Reboot {
@@ -102,6 +106,9 @@ pub enum Cmd {
         /// Stop it through the hypervisor without asking.
         #[arg(short, long)]
         force: bool,
+        /// Return only once the domain has stopped (at most --timeout seconds).
+        #[arg(short, long)]
+        wait: bool,
     },
     /// Stop scheduling a domain.
     Pause { domain: String },
@@ -395,19 +402,37 @@ fn execute(
             }
         }
         Cmd::Destroy { domain } => done(&mut c, RequestBody::Destroy(dom(&domain)), out, json),
-        Cmd::Shutdown { domain, force } => {
+        Cmd::Shutdown {
+            domain,
+            force,
+            wait,
+        } => {
             let body = RequestBody::Shutdown {
                 dom: dom(&domain),
                 force,
             };
-            shutdown_sent(&mut c, body, &domain, "power off", out, json)
+            let stop = Stop {
+                domain: &domain,
+                what: "power off",
+                wait: wait.then_some(timeout),
+            };
+            shutdown_sent(&mut c, body, &stop, out, err, json)
         }
-        Cmd::Reboot { domain, force } => {
+        Cmd::Reboot {
+            domain,
+            force,
+            wait,
+        } => {
             let body = RequestBody::Reboot {
                 dom: dom(&domain),
                 force,
             };
-            shutdown_sent(&mut c, body, &domain, "reboot", out, json)
+            let stop = Stop {
+                domain: &domain,
+                what: "reboot",
+                wait: wait.then_some(timeout),
+            };
+            shutdown_sent(&mut c, body, &stop, out, err, json)
         }
         Cmd::Pause { domain } => done(&mut c, RequestBody::Pause(dom(&domain)), out, json),
         Cmd::Unpause { domain } => done(&mut c, RequestBody::Unpause(dom(&domain)), out, json),
@@ -534,19 +559,38 @@ pub fn create_request(config: DomainConfig, kernel: Vec<u8>) -> RequestBody {
     }
 }
 
-/// Send a shutdown or reboot and say how it reached the domain.
+/// A shutdown or reboot as the user asked for it.
+struct Stop<'a> {
+    /// As named on the command line.
+    domain: &'a str,
+    /// "power off" or "reboot", for messages.
+    what: &'a str,
+    /// `--wait`: how long the domain has to stop.
+    wait: Option<Duration>,
+}
+
+/// Send a shutdown or reboot, say how it reached the domain and, with `--wait`, wait until
+/// that domain (by id: a restarted one comes back under another) has stopped.
 fn shutdown_sent(
     c: &mut Client,
     body: RequestBody,
-    domain: &str,
-    what: &str,
+    stop: &Stop<'_>,
     out: &mut dyn Write,
+    err: &mut dyn Write,
     json: bool,
 ) -> Result<(), Failure> {
+    let (domain, what) = (stop.domain, stop.what);
+    let target = match stop.wait {
+        Some(_) => Some(domid_of(c, domain)?),
+        None => None,
+    };
     let path = match c.call(body)? {
         Reply::ShutdownSent(p) => p,
         r => return Err(unexpected(&r)),
     };
+    if let (Some(domid), Some(limit)) = (target, stop.wait) {
+        wait_stopped(c, domain, domid, limit, err)?;
+    }
     let (via, line) = match path {
         ShutdownPath::Xenstore => (
             "xenstore",
@@ -563,6 +607,69 @@ fn shutdown_sent(
         writeln!(out, "{line}")?;
     }
     Ok(())
+}
+
+/// The id of the domain named `domain` (a name or an id) now.
+fn domid_of(c: &mut Client, domain: &str) -> Result<shared_abi::DomId, Failure> {
+    match c.call(RequestBody::Info(dom(domain)))? {
+        Reply::Info(d) => Ok(d.summary.domid),
+        r => Err(unexpected(&r)),
+    }
+}
+
+/// Poll until domain `domid` is gone or stopped (shut down, preserved, dying), at most
+/// `limit`; a progress line on `err` while it takes more than a second.
+fn wait_stopped(
+    c: &mut Client,
+    domain: &str,
+    domid: shared_abi::DomId,
+    limit: Duration,
+    err: &mut dyn Write,
+) -> Result<(), Failure> {
+    let start = std::time::Instant::now();
+    let mut shown = false;
+    loop {
+        let state = domains(c.call(RequestBody::List)?)?
+            .iter()
+            .find(|d| d.domid == domid)
+            .map(|d| d.state);
+        let stopped = match state {
+            None => true,
+            Some(s) => matches!(
+                s,
+                RunState::Shutdown(_) | RunState::Preserved | RunState::Dying
+            ),
+        };
+        let waited = start.elapsed();
+        if stopped {
+            if shown {
+                writeln!(err, "; stopped")?;
+            }
+            return Ok(());
+        }
+        if waited >= limit {
+            if shown {
+                writeln!(err)?;
+            }
+            return Err(Failure {
+                status: exit::FAILED,
+                message: format!(
+                    "{domain} (domain {domid}) did not stop within {} s (state {}); hvctl shutdown --force stops it",
+                    limit.as_secs(),
+                    state.map_or('?', RunState::letter)
+                ),
+            });
+        }
+        if waited >= Duration::from_secs(1) {
+            write!(
+                err,
+                "\rhvctl: waiting for {domain} to stop: {:.1} s",
+                waited.as_secs_f64()
+            )?;
+            shown = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn unexpected(r: &Reply) -> Failure {

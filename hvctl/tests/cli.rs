@@ -221,6 +221,34 @@ fn shutdown_says_whether_the_guest_was_asked_or_stopped() {
 }
 
 #[test]
+fn shutdown_wait_returns_once_stopped_and_fails_for_a_guest_that_stays() {
+    // Stopped by the hypervisor: stopped at once.
+    let (st, _, err) = hv(&["shutdown", "blkback", "--wait"]);
+    assert_eq!(st, exit::OK, "{err}");
+    // Asked, and the (fake) guest never acts on it: the wait ends at --timeout.
+    let t0 = std::time::Instant::now();
+    let (st, _, err) = common::hv_over(
+        &["shutdown", "2", "--wait", "--timeout", "1"],
+        Input::Stdin,
+        |s| {
+            let mut p = FakePlatform::with_boot_domains();
+            p.store.insert(
+                "/local/domain/2/control/feature-poweroff".into(),
+                "1".into(),
+            );
+            let mut server = Server::new(p);
+            common::serve(s, |req| server.receive(req));
+        },
+    );
+    assert_eq!(st, exit::FAILED, "{err}");
+    assert!(err.contains("did not stop within 1 s"), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    let (st, _, err) = hv(&["reboot", "ghost", "--wait"]);
+    assert_eq!(st, exit::NOT_FOUND, "{err}");
+}
+
+#[test]
 fn verbs_on_a_boot_domain_succeed_or_say_why() {
     assert_eq!(hv(&["pause", "blkback"]).0, exit::OK);
     let (st, _, err) = hv(&["unpause", "blkback"]);

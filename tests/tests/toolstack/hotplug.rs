@@ -191,11 +191,12 @@ pub fn drive(sock: &Path, cfgs: &Path, g: &Guests, lines: &Lines) -> Result<(), 
         format!("bad requests changed hotdisk's devices: {before:?} -> {after:?}")
     })?;
 
-    // 11. `shutdown` a guest with two disks: it advertised PV shutdown, so ctl asks it
-    //     through control/shutdown; it releases both disks and powers off; its policy
-    //     (destroy) applies, ctl removes its home and devices, it is gone from `list`.
+    // 11. `shutdown --wait` a guest with two disks: it advertised PV shutdown, so ctl asks
+    //     it through control/shutdown; it releases both disks and powers off (hvctl returns
+    //     once it has stopped); its policy (destroy) applies, ctl removes its home and
+    //     devices, it is gone from `list`.
     let t = Instant::now();
-    let r = hvctl(sock, &["shutdown", "hotdisk"]).ok("shutdown hotdisk")?;
+    let r = hvctl(sock, &["shutdown", "--wait", "hotdisk"]).ok("shutdown --wait hotdisk")?;
     check(r.out.contains("through control/shutdown"), || {
         format!("shutdown hotdisk said {:?}", r.out)
     })?;
