@@ -22,6 +22,19 @@ fn hv(args: &[&str]) -> (i32, String, String) {
     })
 }
 
+/// [`hv`] with domain 2 advertising the PV shutdown protocol (`control/feature-poweroff`).
+fn hv_advertising(args: &[&str]) -> (i32, String, String) {
+    common::hv_over(args, Input::Stdin, |s| {
+        let mut p = FakePlatform::with_boot_domains();
+        p.store.insert(
+            "/local/domain/2/control/feature-poweroff".into(),
+            "1".into(),
+        );
+        let mut server = Server::new(p);
+        common::serve(s, |req| server.receive(req));
+    })
+}
+
 /// The smallest x86-64 executable hvctl sends: a header, one PT_LOAD of 4 bytes, and a
 /// trailing "section" that stripping drops.
 fn tiny_elf() -> Vec<u8> {
@@ -194,25 +207,13 @@ fn unknown_domain_exits_4_for_every_verb() {
 
 #[test]
 fn shutdown_says_whether_the_guest_was_asked_or_stopped() {
-    // Domain 2 advertises the PV shutdown protocol.
-    let asking = |args: &[&str]| {
-        common::hv_over(args, Input::Stdin, |s| {
-            let mut p = FakePlatform::with_boot_domains();
-            p.store.insert(
-                "/local/domain/2/control/feature-poweroff".into(),
-                "1".into(),
-            );
-            let mut server = Server::new(p);
-            common::serve(s, |req| server.receive(req));
-        })
-    };
-    let (st, out, err) = asking(&["shutdown", "2"]);
+    let (st, out, err) = hv_advertising(&["shutdown", "2"]);
     assert_eq!(st, exit::OK, "{err}");
     assert_eq!(
         out,
         "asked 2 to power off through control/shutdown; it stops itself\n"
     );
-    let (st, out, err) = asking(&["shutdown", "2", "--force", "--json"]);
+    let (st, out, err) = hv_advertising(&["shutdown", "2", "--force", "--json"]);
     assert_eq!(st, exit::OK, "{err}");
     assert_eq!(out.trim(), r#"{"ok":true,"via":"hypervisor"}"#);
     let (st, out, err) = hv(&["reboot", "blkback"]);
@@ -227,19 +228,7 @@ fn shutdown_wait_returns_once_stopped_and_fails_for_a_guest_that_stays() {
     assert_eq!(st, exit::OK, "{err}");
     // Asked, and the (fake) guest never acts on it: the wait ends at --timeout.
     let t0 = std::time::Instant::now();
-    let (st, _, err) = common::hv_over(
-        &["shutdown", "2", "--wait", "--timeout", "1"],
-        Input::Stdin,
-        |s| {
-            let mut p = FakePlatform::with_boot_domains();
-            p.store.insert(
-                "/local/domain/2/control/feature-poweroff".into(),
-                "1".into(),
-            );
-            let mut server = Server::new(p);
-            common::serve(s, |req| server.receive(req));
-        },
-    );
+    let (st, _, err) = hv_advertising(&["shutdown", "2", "--wait", "--timeout", "1"]);
     assert_eq!(st, exit::FAILED, "{err}");
     assert!(err.contains("did not stop within 1 s"), "{err}");
     assert!(err.contains("--force"), "{err}");
